@@ -1,81 +1,196 @@
-"""The `vsi` command: the whole loop (`demo`, `run`, `resume`) and one command per stage."""
+"""The `vsi` command: the whole loop (`demo`, `run`, `resume`) and one command per stage.
+
+Exit codes: 0 success; 2 bad input or configuration (one line naming the file, key or value);
+3 an evaluation invariant was violated (synthetic data in val/test); 130 interrupted; 1 a bug,
+with the traceback written to a file whose path is printed.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from vision_si.errors import InputError
+from vision_si.errors import EvaluationInvariantError, InputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="vision_si: targeted synthetic data for data-scarce image classification.")
 
-
-def _not_built(stage: str) -> None:
-    typer.echo(f"vsi {stage}: this stage is not built yet", err=True)
-    raise typer.Exit(2)
-
-
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set classifier.steps=200 (repeatable).")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="Only the final table and errors.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or stage lines; only the result.")
+DEMO_CONFIG = "configs/demo.yaml"
+
+
+def _echo(quiet: bool):
+    return (lambda _msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from vision_si.config import load_config, resolve_path
+
+    return load_config(resolve_path(config), overrides or [])
+
+
+def _print_result(run_dir: Path) -> None:
+    """The short table of a finished run: baseline vs final on test, and the gate's rounds."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from vision_si.rundir import read_json
+
+    summary = read_json(run_dir / "summary.json")
+    base, final = summary["test"]["baseline"], summary["test"]["final"]
+    table = Table(title=f"test split ({summary['dataset']['splits']['test']} real images, read once)")
+    table.add_column("metric")
+    table.add_column("baseline (round 0)", justify="right")
+    table.add_column("final", justify="right")
+    table.add_column("change", justify="right")
+    rows = [("macro-F1", base["macro_f1"], final["macro_f1"]),
+            ("balanced accuracy", base["balanced_accuracy"], final["balanced_accuracy"]),
+            ("accuracy", base["accuracy"], final["accuracy"])]
+    rows += [(f"recall {c}", base["per_class"][c]["recall"], final["per_class"][c]["recall"])
+             for c in summary["classes"]]
+    for name, b, f in rows:
+        table.add_row(name, f"{b:.3f}", f"{f:.3f}", f"{f - b:+.3f}")
+    console = Console()
+    console.print(table)
+    decisions = [r.get("gate", {}).get("decision", "n/a") for r in summary["rounds"]]
+    accepted = sum(d == "accepted" for d in decisions)
+    console.print(f"rounds: {len(decisions)} run, {accepted} accepted by the gate, "
+                  f"{len(decisions) - accepted} rejected; synthetic images in val/test: "
+                  f"{summary['synthetic_in_eval_splits']}")
+    for r in summary["rounds"]:
+        g = r.get("gate", {})
+        d = g.get("delta", {})
+        console.print(f"  round {r['round']}: generated {r['generated']}, passed filter "
+                      f"{r.get('accepted_by_filter', 0)}, gate {g.get('decision', 'n/a')}"
+                      + (f" ({g.get('metric')} change on val {d['value']:+.3f}, "
+                         f"95% CI [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}])" if d else ""))
+    if accepted == 0:
+        console.print("the gate accepted no synthetic images: the final model is the round-0 model")
+    console.print(f"report: {run_dir / 'report.html'}")
+
+
+def _finish(run_dir: Path) -> None:
+    if (run_dir / "summary.json").exists():
+        _print_result(run_dir)
+    else:
+        typer.echo(f"run directory: {run_dir} (stopped before the end; `vsi resume {run_dir}` continues)")
 
 
 @app.command()
-def demo(quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP007
-    """Run the whole loop on the embedded ELPV dataset with the quick CPU profile."""
-    _not_built("demo")
+def demo(quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt,  # noqa: UP045
+         output_dir: Path = typer.Option(Path("runs"), help="Where the run directory is created.")) -> None:
+    """Run the whole loop on the embedded ELPV dataset with the quick CPU profile (~10 min on 2 cores)."""
+    cfg = _load(Path(DEMO_CONFIG), [f"output_dir={output_dir}", *(overrides or [])])
+    from vision_si.loop import run_loop
+
+    _finish(run_loop(cfg, progress=not quiet, echo=_echo(quiet)))
 
 
 @app.command()
-def run(config: Path = typer.Argument(..., help="Run config YAML."), quiet: bool = QuietOpt,
-        overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP007
+def run(config: Path = typer.Argument(..., help="Run config YAML (see configs/)."), quiet: bool = QuietOpt,
+        overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
     """Run the loop from a config file."""
-    _not_built("run")
+    cfg = _load(config, overrides)
+    from vision_si.loop import run_loop
+
+    _finish(run_loop(cfg, progress=not quiet, echo=_echo(quiet)))
 
 
 @app.command()
 def resume(run_dir: Path = typer.Argument(..., help="Run directory to continue."), quiet: bool = QuietOpt) -> None:
     """Continue an interrupted run from its last complete stage."""
-    _not_built("resume")
+    _require_run_dir(run_dir)
+    from vision_si.loop import resume as resume_run
+
+    _finish(resume_run(run_dir, progress=not quiet, echo=_echo(quiet)))
+
+
+def _require_run_dir(run_dir: Path) -> None:
+    if not (run_dir / "config.yaml").is_file():
+        raise InputError(f"'{run_dir}' is not a run directory (no config.yaml)")
+
+
+def _until(stage: str, target: Path, overrides: list[str] | None, quiet: bool) -> None:
+    """Run a config (new run) or a run directory up to and including the next `stage`."""
+    if target.is_dir():
+        _require_run_dir(target)
+        from vision_si.loop import resume as resume_run
+
+        if overrides:
+            raise InputError("--set applies to a new run from a config file, not to an existing run directory")
+        rd = resume_run(target, progress=not quiet, echo=_echo(quiet), until=stage)
+    else:
+        cfg = _load(target, overrides)
+        from vision_si.loop import run_loop
+
+        rd = run_loop(cfg, progress=not quiet, echo=_echo(quiet), until=stage)
+    typer.echo(f"run directory: {rd}")
+
+
+TargetArg = typer.Argument(..., help="A run config YAML (starts a new run) or a run directory (continues it).")
 
 
 @app.command()
-def train(run_dir: Path = typer.Argument(...)) -> None:
-    """Train the round's classifier in a run directory."""
-    _not_built("train")
+def train(target: Path = TargetArg, quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
+    """Run up to the next training stage (round 0: the classifier on real data)."""
+    _until("train", target, overrides, quiet)
 
 
 @app.command()
-def diagnose(run_dir: Path = typer.Argument(...)) -> None:
-    """Diagnose the round's classifier: metrics with intervals, weak slices, budget."""
-    _not_built("diagnose")
+def diagnose(target: Path = TargetArg, quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
+    """Run up to the next diagnosis: metrics with intervals, weak slices, budget and plots."""
+    _until("diagnose", target, overrides, quiet)
 
 
 @app.command()
-def generate(run_dir: Path = typer.Argument(...)) -> None:
-    """Generate synthetic images for a budget or plan file."""
-    _not_built("generate")
+def generate(target: Path = typer.Argument(None, help="A run config or run directory (omit with --plan)."),
+             plan: Path = typer.Option(None, help="A plan file for a batch job outside the loop."),
+             out: Path = typer.Option(None, help="Output folder of a --plan job."),
+             engine: str = typer.Option("local", help="local or ray."),
+             address: str = typer.Option(None, help="Ray cluster address to join (with --engine ray)."),
+             quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
+    """Generate the next round's images, or run a plan file as a resumable batch job (--plan)."""
+    if plan is not None:
+        from vision_si.generators.runner import generate_from_plan
+
+        if out is None:
+            raise InputError("--plan needs --out DIR: where the images and manifest.jsonl go")
+        if engine not in ("local", "ray"):
+            raise InputError(f"--engine {engine!r} is not one of local, ray")
+        result = generate_from_plan(plan, out, engine=engine, address=address, progress=not quiet)
+        typer.echo(f"{len(result.rows)} images in {out} (manifest: {result.manifest_path})")
+        return
+    if target is None:
+        raise InputError("give a run config or run directory, or --plan PLAN --out DIR")
+    _until("generate", target, overrides, quiet)
 
 
 @app.command(name="filter")
-def filter_(run_dir: Path = typer.Argument(...)) -> None:
-    """Score and filter a round's candidates."""
-    _not_built("filter")
+def filter_(target: Path = TargetArg, quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
+    """Run up to the next filtering stage: score every candidate and decide with a reason."""
+    _until("filter", target, overrides, quiet)
 
 
 @app.command()
-def gate(run_dir: Path = typer.Argument(...)) -> None:
-    """Retrain with the filtered pool and decide on real val."""
-    _not_built("gate")
+def gate(target: Path = TargetArg, quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
+    """Run up to the next gate: retrain with the filtered pool and decide on real val."""
+    _until("gate", target, overrides, quiet)
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(...)) -> None:
-    """Write report.html for a run directory."""
-    _not_built("report")
+def report(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
+    """Write report.html for a run directory (complete or not)."""
+    _require_run_dir(run_dir)
+    from vision_si.report import write_report
+
+    typer.echo(str(write_report(run_dir)))
 
 
 def main() -> None:
@@ -84,17 +199,23 @@ def main() -> None:
     except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+    except EvaluationInvariantError as exc:
+        typer.echo(f"stopped: {exc}", err=True)
+        sys.exit(3)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted; `vsi resume RUN_DIR` continues from the last complete stage", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        code = getattr(exc, "exit_code", None)
-        if code is not None and hasattr(exc, "show"):
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if hasattr(exc, "exit_code") and hasattr(exc, "show"):  # click's usage errors
             exc.show()
             sys.exit(2)
-        raise
+        fd, path = tempfile.mkstemp(prefix="vsi-error-", suffix=".txt")
+        with os.fdopen(fd, "w") as fh:
+            traceback.print_exc(file=fh)
+        typer.echo(f"internal error: {type(exc).__name__}: {exc} (traceback: {path})", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -341,8 +341,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if not p.is_file():
             raise ConfigError(f"config file '{path}' not found")
         data = _read_yaml(p)
+    data = apply_overrides(data, overrides)  # its errors name the --set text, not the file
     try:
-        return config_from_dict(apply_overrides(data, overrides))
+        return config_from_dict(data)
     except ConfigError as exc:
         if path is not None and not str(exc).startswith(str(path)):
             raise ConfigError(f"{path}: {exc}") from None
