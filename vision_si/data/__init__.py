@@ -1,5 +1,31 @@
-"""Data layer: sources, decoding, splits, augmentation and loaders."""
+"""Data layer: sources, decoding, splits, augmentation and loaders.
 
+Sources return a `SampleTable`; `load_images` turns rows into N×C×H×W float32 in [0, 1];
+`make_splits` assigns train/val/test; `build_augmentation` gives the albumentations pipeline.
+See `data/README.md` for the supported layouts.
+"""
+
+from vision_si.data.augment import PRESETS, build_augmentation, save_augmentation
+from vision_si.data.decode import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, resize_image
+from vision_si.data.files import BadImageWarning, cap_per_class
+from vision_si.data.images import decode_files, load_images, run_channels
+from vision_si.data.sources import (
+    ELPV_CLASSES,
+    load_csv,
+    load_digits,
+    load_elpv,
+    load_imagefolder,
+    load_medmnist,
+    load_source,
+)
+from vision_si.data.splits import align_splits, make_splits, read_splits_csv, split_groups, write_splits_csv
 from vision_si.data.table import SampleTable
 
-__all__ = ["SampleTable"]
+__all__ = [
+    "SampleTable",
+    "load_source", "load_elpv", "load_imagefolder", "load_csv", "load_medmnist", "load_digits", "ELPV_CLASSES",
+    "decode_image", "resize_image", "decode_files", "load_images", "run_channels", "IMAGE_EXTENSIONS", "MAX_PIXELS",
+    "BadImageWarning", "cap_per_class",
+    "make_splits", "write_splits_csv", "read_splits_csv", "align_splits", "split_groups",
+    "build_augmentation", "save_augmentation", "PRESETS",
+]
