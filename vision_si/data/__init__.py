@@ -8,7 +8,7 @@ See `data/README.md` for the supported layouts.
 from vision_si.data.augment import PRESETS, build_augmentation, save_augmentation
 from vision_si.data.decode import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, resize_image
 from vision_si.data.files import BadImageWarning, cap_per_class
-from vision_si.data.images import decode_files, load_images, run_channels
+from vision_si.data.images import load_image_files, load_images, run_channels
 from vision_si.data.sources import (
     ELPV_CLASSES,
     load_csv,
@@ -24,7 +24,7 @@ from vision_si.data.table import SampleTable
 __all__ = [
     "SampleTable",
     "load_source", "load_elpv", "load_imagefolder", "load_csv", "load_medmnist", "load_digits", "ELPV_CLASSES",
-    "decode_image", "resize_image", "decode_files", "load_images", "run_channels", "IMAGE_EXTENSIONS", "MAX_PIXELS",
+    "decode_image", "resize_image", "load_image_files", "load_images", "run_channels", "IMAGE_EXTENSIONS", "MAX_PIXELS",
     "BadImageWarning", "cap_per_class",
     "make_splits", "write_splits_csv", "read_splits_csv", "align_splits", "split_groups",
     "build_augmentation", "save_augmentation", "PRESETS",

@@ -90,7 +90,7 @@ def load_images(table: SampleTable, indices: Sequence[int] | np.ndarray, cfg: Da
     return out
 
 
-def decode_files(paths: Sequence[str | Path], cfg: DataConfig, channels: int | None = None) -> np.ndarray:
+def load_image_files(paths: Sequence[str | Path], cfg: DataConfig, channels: int | None = None) -> np.ndarray:
     """Image files (e.g. synthetic PNGs read back from a run) → N×C×H×W float32, same policy as
     `load_images`; `channels` defaults to `cfg.channels`, else each file's own (then all must agree)."""
     channels = channels if channels is not None else cfg.channels

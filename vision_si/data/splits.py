@@ -151,8 +151,9 @@ def write_splits_csv(table: SampleTable, splits: np.ndarray, path: str | Path,
     os.replace(tmp, path)
 
 
-def read_splits_csv(path: str | Path) -> list[dict[str, str]]:
-    """The rows of a `splits.csv` as dicts keyed by its columns."""
+def read_splits_csv(path: str | Path, table: SampleTable | None = None) -> list[dict[str, str]] | np.ndarray:
+    """The rows of a `splits.csv` as dicts keyed by its columns; given `table`, instead the split of
+    every row of `table` (see `align_splits`), which is what resuming a run needs."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -167,7 +168,7 @@ def read_splits_csv(path: str | Path) -> list[dict[str, str]]:
     bad = [r["id"] for r in rows if r["split"] not in SPLITS]
     if bad:
         raise DataError(f"{path}: row for '{bad[0]}' has a split other than {', '.join(SPLITS)}")
-    return rows
+    return rows if table is None else align_splits(table, rows, path)
 
 
 def align_splits(table: SampleTable, rows: Sequence[dict[str, str]], path: str | Path = "splits.csv") -> np.ndarray:
