@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,7 +82,10 @@ def _group_fold(rows: np.ndarray, labels: np.ndarray, groups: np.ndarray, fracti
         raise DataError(f"only {n_groups} groups remain for the '{what}' split; grouped splitting with "
                         f"fraction {fraction} needs at least {k}")
     folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    _, held = next(folds.split(np.zeros(len(rows)), labels[rows], groups[rows]))
+    with warnings.catch_warnings():
+        # sklearn warns about classes smaller than k; check_splits names the class if it matters
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        _, held = next(folds.split(np.zeros(len(rows)), labels[rows], groups[rows]))
     return rows[held]
 
 
