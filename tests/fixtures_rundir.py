@@ -1,0 +1,165 @@
+"""A small, fake but realistic run directory laid out as docs/internals.md describes.
+
+`build_run_dir(root)` writes round-00 (train, diagnose), round-01 (accepted by the gate),
+round-02 (rejected by the gate, one human override), final/test.json, summary.json, events.jsonl.
+`rounds` and `final` cut it short to imitate a run that stopped early. Numbers are made up but
+consistent with each other (confusion matrices, per-class scores and supports agree).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REASONS = ("off_class", "too_easy", "unrealistic", "memorised", "leak", "duplicate")
+
+
+def _png(path: Path, seed: int, size: int = 16, mode: str = "L") -> None:
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).convert(mode).save(path)
+
+
+def _json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2), encoding="utf-8")
+
+
+def _csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _metrics(cm: np.ndarray, classes: list[str]) -> dict:
+    tp = np.diag(cm).astype(float)
+    support, predicted = cm.sum(1), cm.sum(0)
+    rec = tp / np.maximum(support, 1)
+    prec = tp / np.maximum(predicted, 1)
+    f1 = np.where(rec + prec > 0, 2 * rec * prec / np.maximum(rec + prec, 1e-12), 0.0)
+    acc = float(tp.sum() / cm.sum())
+    return {"accuracy": acc, "accuracy_ci": [acc - 0.06, min(1.0, acc + 0.05)],
+            "balanced_accuracy": float(rec.mean()), "balanced_accuracy_ci": [float(rec.mean()) - 0.08,
+                                                                             float(rec.mean()) + 0.07],
+            "macro_f1": float(f1.mean()), "macro_f1_ci": [float(f1.mean()) - 0.08, float(f1.mean()) + 0.07],
+            "per_class": {c: {"recall": float(rec[k]), "precision": float(prec[k]), "f1": float(f1[k]),
+                              "support": int(support[k])} for k, c in enumerate(classes)},
+            "confusion": cm.tolist()}
+
+
+def _diagnose(d: Path, classes: list[str], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    _json(d / "diagnosis.json", {"classes": classes, "weak_classes": [classes[-1]],
+                                 "confused_pairs": [[classes[-1], classes[0], 7]]})
+    _csv(d / "per_class.csv", ["class", "recall", "recall_lo", "recall_hi", "precision", "f1", "support"],
+         [[c, 0.6 + 0.1 * k, 0.45 + 0.1 * k, 0.75 + 0.05 * k, 0.7, 0.65, 20 + k] for k, c in enumerate(classes)])
+    slices = [f"{classes[-1]}-{j}" for j in range(2)]
+    _csv(d / "slices.csv", ["slice_id", "class", "size", "val_error", "class_error", "weak"],
+         [[s, classes[-1], 12 - 3 * j, 0.5 - 0.2 * j, 0.3, j == 0] for j, s in enumerate(slices)])
+    _csv(d / "budget.csv", ["class_index", "class_name", "slice_id", "count", "exemplar_ids", "mode", "strength"],
+         [[len(classes) - 1, classes[-1], slices[0], 8, "elpv:0001;elpv:0002", "exemplar", 0.5]])
+    for name in ("confusion", "recall", "embedding_map"):
+        _png(d / f"{name}.png", int(rng.integers(1 << 30)), size=48, mode="RGB")
+    for s in slices:
+        _png(d / "slices" / f"{s}.png", int(rng.integers(1 << 30)), size=32, mode="RGB")
+
+
+def _synthetic_round(rd: Path, r: int, classes: list[str], accepted: bool, n: int = 10) -> dict:
+    tag = rd / f"round-{r:02d}"
+    gen = tag / "generate"
+    rows, scores = [], []
+    reasons = ["", "", "", "off_class", "too_easy", "duplicate", "", "unrealistic", "too_easy", ""]
+    for i in range(n):
+        sid = f"syn-r{r:02d}-{i:06d}"
+        _png(gen / "images" / f"{sid}.png", 1000 * r + i)
+        cls = i % len(classes)
+        rows.append({"id": sid, "path": f"images/{sid}.png", "sha256": f"{r:02d}{i:062d}", "class_index": cls,
+                     "class_name": classes[cls], "slice": f"{classes[cls]}-0", "mode": "exemplar",
+                     "preset": "quick", "generator_sha256": "ab" * 32, "seed": 7 * i, "exemplar_ids": ["elpv:0001"],
+                     "strength": 0.5, "steps": 2, "guidance": None, "seconds": 0.01})
+        reason = reasons[i % len(reasons)]
+        decision = "reject" if reason else "accept"
+        overridden = r == 2 and i == 3  # a human accepted an image the critic called off-class
+        if overridden:
+            decision = "accept"
+        scores.append([sid, classes[cls], 0.9 - 0.05 * i, 0.3, 1.2, 0.4, 0.1, 0.2, decision, reason, overridden])
+    gen.mkdir(parents=True, exist_ok=True)
+    (gen / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
+    header = ["id", "class", "fidelity", "informativeness", "realism", "memorisation", "leakage", "duplicate",
+              "decision", "reason", "overridden"]
+    _csv(tag / "filter" / "scores.csv", header, scores)
+    rejected = {k: sum(1 for s in scores if s[9] == k and s[8] == "reject") for k in REASONS}
+    n_acc = sum(1 for s in scores if s[8] == "accept")
+    _json(tag / "filter" / "filter.json", {"accepted": n_acc, "rejected": rejected})
+    delta = 0.06 if accepted else -0.01
+    gate = {"decision": "accepted" if accepted else "rejected", "metric": "macro_f1",
+            "before": {"value": 0.61, "ci": [0.52, 0.70]}, "after": {"value": 0.61 + delta, "ci": [0.55, 0.75]},
+            "delta": {"value": delta, "ci": [delta - 0.04, delta + 0.04]}}
+    _json(tag / "gate" / "decision.json", {
+        "accepted": accepted, "reason": "lower bound of delta above min_delta" if accepted
+        else "lower bound of delta -0.05 is not above min_delta 0.0", **{k: gate[k] for k in
+                                                                          ("metric", "before", "after", "delta")},
+        "per_class_delta": {c: (0.1 if k == len(classes) - 1 else -0.01) * (1 if accepted else -1)
+                            for k, c in enumerate(classes)},
+        "n_bootstrap": 1000, "seeds": 1})
+    if accepted:
+        _diagnose(tag / "diagnose", classes, seed=r)
+    return {"round": r, "generated": n, "accepted_by_filter": n_acc, "rejected_by_filter": rejected, "gate": gate}
+
+
+def build_run_dir(root: Path, *, classes: list[str] | None = None, rounds: int = 2, final: bool = True,
+                  name: str = "fixture") -> Path:
+    """Write a run directory under `root` and return its path."""
+    classes = list(classes or ["functional", "mild", "defective"])
+    rd = Path(root) / f"20250101-120000-{name}"
+    rd.mkdir(parents=True)
+    (rd / "config.yaml").write_text(f"name: {json.dumps(name)}\nseed: 0\ndata:\n  source: elpv\n", encoding="utf-8")
+    _json(rd / "env.json", {"vision_si": "0.1.0", "python": "3.11", "device": "cpu", "seed": 0,
+                            "started": "2025-01-01T12:00:00"})
+    split_rows, per_class = [], {}
+    for k, c in enumerate(classes):
+        counts = {"train": 30 - 5 * k, "val": 10, "test": 10}
+        per_class[c] = counts
+        for split, n in counts.items():
+            split_rows += [[f"elpv:{k}{split[0]}{i:03d}", f"img/{k}/{i}.png", f"{k}{i:063d}", c, "", split]
+                           for i in range(n)]
+    _csv(rd / "splits.csv", ["id", "source", "sha256", "class", "group", "split"], split_rows)
+    (rd / "round-00" / "train").mkdir(parents=True)
+    _json(rd / "round-00" / "train" / "model.json", {"arch": "resnet10t", "classes": classes})
+    _diagnose(rd / "round-00" / "diagnose", classes, seed=0)
+    timings = {"round-00/train": 12.5, "round-00/diagnose": 1.5}
+    summaries = []
+    for r in range(1, rounds + 1):
+        summaries.append(_synthetic_round(rd, r, classes, accepted=(r == 1)))
+        timings.update({f"round-{r:02d}/generate": 20.0 + r, f"round-{r:02d}/filter": 3.0, f"round-{r:02d}/gate": 25.0})
+    events = [{"time": "2025-01-01T12:00:00", "event": "stage_done", "stage": s, "seconds": t}
+              for s, t in timings.items()]
+    if not final:
+        (rd / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+        return rd
+    k = len(classes)
+    base_cm = np.full((k, k), 1) + np.diag([8 - (j == k - 1) * 4 for j in range(k)])
+    final_cm = np.full((k, k), 1) + np.diag([8 - (j == k - 1) * 2 for j in range(k)])
+    test = {"n_images": int(base_cm.sum()), "synthetic_in_eval_splits": 0,
+            "baseline": _metrics(base_cm, classes), "final": _metrics(final_cm, classes)}
+    _json(rd / "final" / "test.json", test)
+    timings["final"] = 2.0
+    events.append({"time": "2025-01-01T12:05:00", "event": "test_evaluated", "models": ["baseline", "final"]})
+    events.append({"time": "2025-01-01T12:05:01", "event": "stage_done", "stage": "final", "seconds": 2.0})
+    (rd / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events), encoding="utf-8")
+    n_total = sum(sum(v.values()) for v in per_class.values())
+    _json(rd / "summary.json", {
+        "dataset": {"name": "elpv", "n_images": n_total,
+                    "splits": {s: sum(v[s] for v in per_class.values()) for s in ("train", "val", "test")},
+                    "per_class": per_class},
+        "classes": classes, "rounds": summaries,
+        "test": {side: test[side] for side in ("baseline", "final")},
+        "timings_s": timings, "synthetic_in_eval_splits": 0})
+    return rd

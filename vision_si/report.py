@@ -1,0 +1,581 @@
+"""report.html: one self-contained page that tells what a run did and whether it helped.
+
+Everything the page shows is read back from the run directory (docs/internals.md), so the report
+can be rebuilt at any time, also for a run that crashed half-way: each section that lacks its files
+says "not available" instead of failing. Images are embedded as data URIs and the page carries a
+Content-Security-Policy that forbids every external load, so it works offline and cannot leak.
+Every string from the run (class names, reasons, ids) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as _dt
+import hashlib
+import html
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from vision_si.errors import RunDirError
+from vision_si.metrics import wilson_interval
+from vision_si.rundir import EventLog, atomic_write_text
+
+GALLERY_CAP = 24  # thumbnails per (round, group); the counts are always complete
+THUMB_PX = 128  # longest side of an embedded thumbnail
+TABLE_CAP = 40  # rows shown of a long CSV table
+REASON_ORDER = ("off_class", "too_easy", "unrealistic", "memorised", "leak", "duplicate")
+
+
+class Raw(str):
+    """HTML built here, already safe; every other value put in a page is escaped."""
+
+
+def esc(value: Any) -> str:
+    return value if isinstance(value, Raw) else html.escape(str(value), quote=True)
+
+
+def na(what: str) -> Raw:
+    return Raw(f'<p class="na">Not available: {esc(what)}.</p>')
+
+
+def num(value: Any, digits: int = 3) -> str:
+    if isinstance(value, bool) or value is None:
+        return "–" if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def with_ci(value: Any, ci: Any) -> str:
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return f"{num(value)} [{num(ci[0])}, {num(ci[1])}]"
+    return num(value)
+
+
+def table(header: list[Any], rows: list[list[Any]], cls: str = "", row_cls: list[str] | None = None) -> Raw:
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        rc = f' class="{row_cls[i]}"' if row_cls and row_cls[i] else ""
+        body.append(f"<tr{rc}>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
+    return Raw(f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
+def img(data: bytes | None, alt: str, cls: str = "", title: str = "") -> Raw:
+    if not data:
+        return na(f"image {alt}")
+    mime = "image/jpeg" if data[:3] == b"\xff\xd8\xff" else "image/png"
+    b64 = base64.b64encode(data).decode("ascii")
+    t = f' title="{esc(title)}"' if title else ""
+    return Raw(f'<img class="{cls}" alt="{esc(alt)}"{t} src="data:{mime};base64,{b64}">')
+
+
+def image_bytes(path: Path, max_px: int | None = None) -> bytes | None:
+    """A PNG/JPEG file as bytes, re-encoded as a PNG thumbnail when `max_px` is given; None if unreadable."""
+    try:
+        if max_px is None and path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            return path.read_bytes()
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im = im.convert("RGB") if im.mode not in ("L", "RGB", "RGBA") else im.copy()
+            im.thumbnail((max_px or 1024, max_px or 1024))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            return buf.getvalue()
+    except (OSError, ValueError):
+        return None
+
+
+def figure_png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def load_csv(path: Path) -> list[dict[str, str]] | None:
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, ValueError, csv.Error):
+        return None
+
+
+def truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "y")
+
+
+class RunView:
+    """What the report needs from a run directory, each piece None/empty when missing."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir
+        self.summary = load_json(run_dir / "summary.json") or {}
+        self.env = load_json(run_dir / "env.json") or {}
+        self.events = EventLog(run_dir).read()
+        self.test = self.summary.get("test") or load_json(run_dir / "final" / "test.json") or {}
+        self.config = self._config()
+        self.splits = load_csv(run_dir / "splits.csv") or []
+        self.classes = [str(c) for c in self.summary.get("classes") or self._classes_from_splits()]
+        self.rounds = sorted(int(p.name[6:]) for p in run_dir.glob("round-[0-9][0-9]") if p.is_dir())
+        self.summary_rounds = {int(r.get("round", -1)): r for r in self.summary.get("rounds") or []
+                               if isinstance(r, dict)}
+
+    def _config(self) -> dict:
+        try:
+            import yaml
+
+            cfg = yaml.safe_load((self.dir / "config.yaml").read_text(encoding="utf-8"))
+            return cfg if isinstance(cfg, dict) else {}
+        except (OSError, ValueError, ImportError):
+            return {}
+
+    def _classes_from_splits(self) -> list[str]:
+        return sorted({r.get("class", "") for r in self.splits} - {""})
+
+    def round_dir(self, r: int) -> Path:
+        return self.dir / f"round-{r:02d}"
+
+    def name(self) -> str:
+        return str(self.config.get("name") or self.dir.name)
+
+    def date(self) -> str:
+        started = self.env.get("started")
+        if started:
+            return str(started).replace("T", " ")
+        try:
+            return str(_dt.datetime.strptime(self.dir.name[:15], "%Y%m%d-%H%M%S"))
+        except ValueError:
+            return "unknown date"
+
+    def gate(self, r: int) -> dict:
+        """A round's gate decision in one shape, from gate/decision.json or summary.json."""
+        dec = load_json(self.round_dir(r) / "gate" / "decision.json") or {}
+        s = self.summary_rounds.get(r, {}).get("gate") or {}
+        src = dec or s
+        if not src:
+            return {}
+        decision = src.get("decision")
+        if decision is None and "accepted" in src:
+            decision = "accepted" if src["accepted"] else "rejected"
+        out = {"decision": decision, "reason": src.get("reason") or s.get("reason"),
+               "metric": src.get("metric") or s.get("metric")}
+        for key in ("before", "after", "delta"):
+            v = src.get(key, s.get(key))
+            if isinstance(v, dict):
+                ci = v.get("ci") or ([v["lower"], v["upper"]] if "lower" in v and "upper" in v else None)
+                out[key] = (v.get("value"), ci)
+            elif v is not None:
+                out[key] = (v, src.get(f"{key}_ci"))
+        per_class = src.get("per_class_delta") or src.get("per_class_deltas") or src.get("per_class") or {}
+        out["per_class"] = per_class if isinstance(per_class, dict) else {}
+        return out
+
+
+# ---------------------------------------------------------------------------------------- sections
+def section_data(run: RunView) -> str:
+    ds = run.summary.get("dataset") or {}
+    per_class = ds.get("per_class") or {}
+    if not per_class and run.splits:
+        per_class = {}
+        for row in run.splits:
+            per_class.setdefault(row.get("class", "?"), Counter())[row.get("split", "?")] += 1
+    parts = [f'<p><b>Dataset</b> {esc(ds.get("name") or (run.config.get("data") or {}).get("source") or "unknown")}'
+             f' · <b>{len(run.classes)}</b> classes · <b>{esc(ds.get("n_images", len(run.splits) or "?"))}</b>'
+             " real images, split once into train / val / test.</p>"]
+    if per_class:
+        splits = ("train", "val", "test")
+        rows = [[c, *[(per_class[c] or {}).get(s, 0) for s in splits]] for c in per_class]
+        rows.append([Raw("<b>total</b>"), *[sum(int((per_class[c] or {}).get(s, 0)) for c in per_class) for s in splits]])
+        parts.append(table(["class", *splits], rows, "num"))
+    else:
+        parts.append(na("per-class split counts (no summary.json or splits.csv)"))
+    parts.append(eval_badge(run))
+    return "".join(parts)
+
+
+def eval_badge(run: RunView) -> str:
+    n = run.summary.get("synthetic_in_eval_splits", run.test.get("synthetic_in_eval_splits"))
+    if n is None:
+        return '<p class="badge warn">Synthetic images in val/test: not recorded (the run did not finish).</p>'
+    cls = "ok" if int(n) == 0 else "bad"
+    return (f'<p class="badge {cls}">Synthetic images in val/test: <b>{esc(n)}</b> '
+            f'{"(must be 0: held)" if cls == "ok" else "(must be 0: VIOLATED)"}</p>')
+
+
+def section_test(run: RunView) -> str:
+    base, final = run.test.get("baseline") or {}, run.test.get("final") or {}
+    if not base and not final:
+        return na("test results (the final evaluation has not run)")
+    n_reads = sum(1 for e in run.events if e.get("event") == "test_evaluated")
+    rows = [[label, with_ci(base.get(k), base.get(f"{k}_ci")), with_ci(final.get(k), final.get(f"{k}_ci")),
+             delta(base.get(k), final.get(k))]
+            for k, label in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
+                             ("macro_f1", "macro-F1"))]
+    parts = [f'<p class="note">The <b>test</b> split is evaluated once, at the end, for this report; it never '
+             f"drove a decision (gate and diagnosis use <b>val</b>). events.jsonl records {n_reads} test "
+             "evaluation(s). Intervals: 95% bootstrap.</p>",
+             table(["metric", "baseline (round-0 model)", "final model", "Δ"], rows, "num")]
+    pc_rows = []
+    for c in run.classes or sorted(set(base.get("per_class", {})) | set(final.get("per_class", {}))):
+        b, f = (base.get("per_class") or {}).get(c, {}), (final.get("per_class") or {}).get(c, {})
+        pc_rows.append([c, b.get("support", "–"), *[x for m in ("recall", "precision", "f1")
+                                                    for x in (num(b.get(m)), num(f.get(m)))]])
+    if pc_rows:
+        parts.append("<h3>Per class (baseline → final)</h3>")
+        parts.append(table(["class", "support", "recall base", "recall final", "precision base",
+                            "precision final", "F1 base", "F1 final"], pc_rows, "num"))
+    return "".join(parts)
+
+
+def delta(a: Any, b: Any) -> Raw:
+    try:
+        d = float(b) - float(a)
+    except (TypeError, ValueError):
+        return Raw("–")
+    cls = "up" if d > 0 else "down" if d < 0 else ""
+    return Raw(f'<span class="{cls}">{d:+.3f}</span>')
+
+
+def confusion_table(cm: list[list[Any]], classes: list[str]) -> Raw:
+    head = "".join(f"<th>{esc(c)}</th>" for c in classes)
+    rows = []
+    for i, row in enumerate(cm):
+        total = sum(row) or 1
+        cells = "".join(f'<td style="background:rgba(37,99,235,{v / total:.2f});'
+                        f'color:{"#fff" if v / total > 0.55 else "inherit"}">{esc(v)}</td>' for v in row)
+        label = classes[i] if i < len(classes) else i
+        rows.append(f"<tr><th>{esc(label)}</th>{cells}</tr>")
+    return Raw(f'<table class="cm"><thead><tr><th>true \\ predicted</th>{head}</tr></thead>'
+               f'<tbody>{"".join(rows)}</tbody></table>')
+
+
+def before_after(run: RunView) -> tuple[int | None, int | None]:
+    """The first and the last round that has a diagnosis (the round-0 model and the final one)."""
+    diagnosed = [r for r in run.rounds if (run.round_dir(r) / "diagnose").is_dir()]
+    return (diagnosed[0], diagnosed[-1]) if diagnosed else (None, None)
+
+
+def pair(left: str, right: str) -> str:
+    return f'<div class="pair"><div>{left}</div><div>{right}</div></div>'
+
+
+def section_confusion(run: RunView) -> str:
+    parts = []
+    cms = [(run.test.get(side) or {}).get("confusion") for side in ("baseline", "final")]
+    if all(isinstance(cm, list) for cm in cms):
+        parts.append("<h3>On test (rows: true class, shade: share of the row)</h3>")
+        parts.append(pair(f"<h4>baseline</h4>{confusion_table(cms[0], run.classes)}",
+                          f"<h4>final</h4>{confusion_table(cms[1], run.classes)}"))
+    else:
+        parts.append(na("confusion matrices on test"))
+    parts.append(diagnosis_pair(run, "confusion.png", "confusion on val"))
+    return "".join(parts)
+
+
+def diagnosis_pair(run: RunView, filename: str, what: str) -> str:
+    first, last = before_after(run)
+    if first is None:
+        return na(f"{what} (no diagnosis)")
+    left = f"<h4>round {first:02d}</h4>{img(image_bytes(run.round_dir(first) / 'diagnose' / filename), what)}"
+    if last == first:
+        return f"<h3>{esc(what.capitalize())}</h3>" + pair(left, na("a later diagnosis (no round was accepted)"))
+    right = f"<h4>round {last:02d}</h4>{img(image_bytes(run.round_dir(last) / 'diagnose' / filename), what)}"
+    return f"<h3>{esc(what.capitalize())}</h3>" + pair(left, right)
+
+
+def recall_plot(run: RunView) -> bytes | None:
+    sides = [(label, (run.test.get(side) or {}).get("per_class") or {}) for side, label in
+             (("baseline", "baseline"), ("final", "final"))]
+    if not any(pc for _, pc in sides) or not run.classes:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(4.0, 1.1 * len(run.classes) + 1.5), 3.0))
+    ax = fig.add_subplot()
+    for j, ((label, pc), color) in enumerate(zip(sides, ("#94a3b8", "#2563eb"))):
+        xs, ys, lo, hi = [], [], [], []
+        for k, c in enumerate(run.classes):
+            s = pc.get(c) or {}
+            if s.get("recall") is None:
+                continue
+            rec, n = float(s["recall"]), int(s.get("support") or 0)
+            a, b = wilson_interval(round(rec * n), n) if n else (rec, rec)
+            xs.append(k + (j - 0.5) * 0.25)
+            ys.append(rec)
+            lo.append(max(0.0, rec - a))
+            hi.append(max(0.0, b - rec))
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=color, capsize=3, label=label)
+    ax.set_xticks(range(len(run.classes)), [c if len(c) <= 14 else c[:13] + "…" for c in run.classes])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("recall on test")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return figure_png(fig)
+
+
+def section_recall(run: RunView) -> str:
+    plot = recall_plot(run)
+    parts = [f"<h3>On test, with 95% Wilson intervals</h3>{img(plot, 'per-class recall on test', 'plot')}" if plot
+             else na("per-class recall on test")]
+    parts.append(diagnosis_pair(run, "recall.png", "recall on val"))
+    return "".join(parts)
+
+
+def section_rounds(run: RunView) -> str:
+    synth = [r for r in run.rounds if r > 0]
+    if not synth:
+        return na("synthetic rounds (the run stopped after round 00)")
+    overview, cards = [], []
+    for r in synth:
+        s = run.summary_rounds.get(r, {})
+        scores = load_csv(run.round_dir(r) / "filter" / "scores.csv")
+        manifest = manifest_rows(run.round_dir(r))
+        generated = s.get("generated", len(manifest) if manifest else "–")
+        rejected = s.get("rejected_by_filter")
+        if rejected is None and scores is not None:
+            rejected = Counter(row.get("reason", "") for row in scores if not accepted(row))
+        accepted_n = s.get("accepted_by_filter", sum(map(accepted, scores)) if scores is not None else "–")
+        g = run.gate(r)
+        overview.append([f"{r:02d}", generated, accepted_n,
+                         ", ".join(f"{k} {v}" for k, v in (rejected or {}).items() if v) or "–",
+                         decision_badge(g.get("decision"))])
+        cards.append(gate_card(r, g))
+    return "".join([table(["round", "generated", "accepted by filter", "rejected by filter", "gate"], overview),
+                    "<h3>The gate's decision per round</h3>", *cards])
+
+
+def decision_badge(decision: Any) -> Raw:
+    if not decision:
+        return Raw('<span class="pill warn">not run</span>')
+    cls = {"accepted": "ok", "rejected": "bad"}.get(str(decision), "warn")
+    return Raw(f'<span class="pill {cls}">{esc(decision)}</span>')
+
+
+def gate_card(r: int, g: dict) -> str:
+    if not g:
+        return f'<div class="card"><h4>Round {r:02d}</h4>{na("gate decision (gate/decision.json missing)")}</div>'
+    metric = g.get("metric") or "metric"
+    rows = [[f"{metric} {k}", with_ci(*g[k]) if k in g else "–"] for k in ("before", "after", "delta")]
+    pc = g.get("per_class") or {}
+    pc_rows = [[c, delta(0, v.get("delta", v.get("recall_delta")) if isinstance(v, dict) else v)]
+               for c, v in pc.items()]
+    return (f'<div class="card"><h4>Round {r:02d} {decision_badge(g.get("decision"))}</h4>'
+            f'<p>{esc(g.get("reason") or "no reason recorded")}</p><div class="pair">'
+            f'<div>{table(["", "value [95% CI]"], rows, "num")}</div>'
+            f'<div>{table(["class", "Δ recall"], pc_rows, "num") if pc_rows else na("per-class deltas")}</div>'
+            "</div></div>")
+
+
+def section_slices(run: RunView) -> str:
+    diagnosed = [r for r in run.rounds if (run.round_dir(r) / "diagnose").is_dir()]
+    if not diagnosed:
+        return na("diagnosis (no round has a diagnose folder)")
+    parts = []
+    for r in diagnosed:
+        d = run.round_dir(r) / "diagnose"
+        parts.append(f"<h3>Round {r:02d}</h3>")
+        slices = load_csv(d / "slices.csv")
+        if slices:
+            header = list(slices[0])
+            weak = ["weak" if truthy(row.get("weak")) else "" for row in slices[:TABLE_CAP]]
+            parts.append(table(header, [[num(row.get(h)) if is_float(row.get(h)) else row.get(h)
+                                         for h in header] for row in slices[:TABLE_CAP]], "num", weak))
+        else:
+            parts.append(na("slices.csv"))
+        budget = load_csv(d / "budget.csv")
+        if budget:
+            parts.append("<h4>Budget: images asked of the generator</h4>")
+            parts.append(table(list(budget[0]), [list(row.values()) for row in budget[:TABLE_CAP]]))
+        figs = [f'<figure>{img(image_bytes(p), p.stem, "exemplar")}<figcaption>{esc(p.stem)}</figcaption></figure>'
+                for p in sorted((d / "slices").glob("*.png"))]
+        if figs:
+            parts.append(f'<h4>Exemplars per slice</h4><div class="gallery wide">{"".join(figs)}</div>')
+        emb = d / "embedding_map.png"
+        if emb.is_file():
+            parts.append(f'<h4>Embedding map</h4>{img(image_bytes(emb), "embedding map", "plot")}')
+    return "".join(parts)
+
+
+def is_float(value: Any) -> bool:
+    try:
+        float(value)
+        return "." in str(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def accepted(row: dict[str, str]) -> bool:
+    return str(row.get("decision", "")).lower().startswith("acc")
+
+
+def manifest_rows(round_dir: Path) -> list[dict]:
+    rows = []
+    try:
+        for line in (round_dir / "generate" / "manifest.jsonl").read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    except (OSError, ValueError):
+        return rows
+    return rows
+
+
+def section_galleries(run: RunView) -> str:
+    synth = [r for r in run.rounds if r > 0]
+    if not synth:
+        return na("synthetic images (no round generated any)")
+    parts = []
+    for r in synth:
+        rd = run.round_dir(r)
+        paths = {m.get("id"): rd / "generate" / str(m.get("path", "")) for m in manifest_rows(rd)}
+        scores = load_csv(rd / "filter" / "scores.csv")
+        parts.append(f"<h3>Round {r:02d}</h3>")
+        if scores is None:
+            rows = [{"id": i, "class": "", "decision": "", "reason": "generated"} for i in paths]
+            parts.append(na("filter decisions (filter/scores.csv missing): all generated images shown"))
+            parts.append(gallery("generated", rows, rd, paths) if rows else na("generated images"))
+            continue
+        if run.gate(r).get("decision") == "rejected":
+            parts.append('<p class="note">The gate rejected this round: even the images the filter accepted '
+                         "were not used for training.</p>")
+        groups: dict[str, list[dict]] = {"accepted": [r_ for r_ in scores if accepted(r_)
+                                                      and not truthy(r_.get("overridden"))]}
+        rejected = [r_ for r_ in scores if not accepted(r_) and not truthy(r_.get("overridden"))]
+        reasons = sorted({row.get("reason") or "unspecified" for row in rejected},
+                         key=lambda k: (REASON_ORDER.index(k) if k in REASON_ORDER else 99, k))
+        for reason in reasons:
+            groups[f"rejected: {reason}"] = [x for x in rejected if (x.get("reason") or "unspecified") == reason]
+        groups["human review overrides"] = [x for x in scores if truthy(x.get("overridden"))]
+        for title, rows in groups.items():
+            if rows or title == "accepted":
+                parts.append(gallery(title, rows, rd, paths))
+    return "".join(parts)
+
+
+def gallery(title: str, rows: list[dict], round_dir: Path, paths: dict) -> str:
+    figs = []
+    for row in rows[:GALLERY_CAP]:
+        sid = row.get("id", "")
+        path = paths.get(sid) or round_dir / "generate" / "images" / f"{sid}.png"
+        data = image_bytes(path, THUMB_PX) if path.is_file() else None
+        caption = row.get("class", "")
+        if truthy(row.get("overridden")):
+            caption = f"{caption} · now {row.get('decision', '?')} (filter: {row.get('reason') or '–'})"
+        tip = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("decision", "overridden"))
+        figs.append(f"<figure>{img(data, sid, 'thumb', tip) if data else na('image')}"
+                    f"<figcaption>{esc(caption)}</figcaption></figure>")
+    shown = f"showing {min(len(rows), GALLERY_CAP)} of {len(rows)}" if len(rows) > GALLERY_CAP else f"{len(rows)}"
+    body = f'<div class="gallery">{"".join(figs)}</div>' if figs else '<p class="na">none</p>'
+    return f'<div class="group"><h4>{esc(title)} <span class="count">({shown})</span></h4>{body}</div>'
+
+
+def section_timings(run: RunView) -> str:
+    timings = run.summary.get("timings_s") or EventLog(run.dir).timings()
+    if not timings:
+        return na("timings (no stage completed)")
+    top = max(float(v) for v in timings.values()) or 1.0
+    rows = [[stage, f"{float(s):.1f}",
+             Raw(f'<div class="bar" style="width:{100 * float(s) / top:.1f}%"></div>')] for stage, s in timings.items()]
+    rows.append([Raw("<b>total</b>"), f"{sum(float(v) for v in timings.values()):.1f}", ""])
+    return table(["stage", "seconds", ""], rows, "timings")
+
+
+SECTIONS = (("data", "Data", section_data), ("test", "Test results", section_test),
+            ("confusion", "Confusion matrices", section_confusion), ("recall", "Per-class recall", section_recall),
+            ("rounds", "Rounds and the gate", section_rounds), ("slices", "Weak slices", section_slices),
+            ("galleries", "Synthetic images", section_galleries), ("timings", "Timings", section_timings))
+
+# Marks the page once every image has decoded; the browser test reads it from the rendered DOM.
+CHECK_SCRIPT = ("(function(){function check(){var ok=true,im=document.images;for(var i=0;i<im.length;i++)"
+                "{if(!(im[i].complete&&im[i].naturalWidth>0))ok=false;}document.body.dataset.imagesOk=String(ok);"
+                "document.body.dataset.images=String(im.length);}"
+                "if(document.readyState==='complete')check();else window.addEventListener('load',check);})();")
+
+CSS = """
+*{box-sizing:border-box}body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+color:#1e293b;background:#f1f5f9}header{background:#0f172a;color:#f8fafc;padding:24px 32px}
+header h1{margin:0 0 4px;font-size:24px}header .meta{color:#cbd5e1;margin:0}nav{margin-top:12px}
+nav a{color:#93c5fd;margin-right:14px;text-decoration:none;font-size:14px}main{max-width:1100px;margin:0 auto;
+padding:16px 24px 48px}section{background:#fff;border-radius:10px;padding:18px 24px;margin:18px 0;
+box-shadow:0 1px 3px rgba(15,23,42,.08)}h2{margin:0 0 12px;font-size:20px;border-bottom:2px solid #e2e8f0;
+padding-bottom:6px}h3{font-size:16px;margin:18px 0 8px}h4{font-size:14px;margin:12px 0 6px}
+table{border-collapse:collapse;margin:6px 0 10px;font-size:14px}th,td{padding:4px 10px;border-bottom:1px solid #e2e8f0;
+text-align:left}thead th{background:#f8fafc;font-weight:600}table.num td{font-variant-numeric:tabular-nums}
+table.cm td{text-align:center;min-width:48px}tr.weak td{background:#fef3c7}.na{color:#64748b;font-style:italic}
+.note{background:#eff6ff;border-left:4px solid #3b82f6;padding:8px 12px;border-radius:4px}
+.badge{display:inline-block;padding:8px 14px;border-radius:8px;font-size:16px}.badge.ok{background:#dcfce7;
+color:#166534}.badge.bad{background:#fee2e2;color:#991b1b}.badge.warn{background:#fef9c3;color:#854d0e}
+.pill{display:inline-block;padding:1px 10px;border-radius:999px;font-size:13px;font-weight:600}
+.pill.ok{background:#dcfce7;color:#166534}.pill.bad{background:#fee2e2;color:#991b1b}
+.pill.warn{background:#fef9c3;color:#854d0e}.up{color:#15803d}.down{color:#b91c1c}
+.pair{display:flex;flex-wrap:wrap;gap:24px}.pair>div{flex:1 1 300px;min-width:0}
+.card{border:1px solid #e2e8f0;border-radius:8px;padding:8px 16px;margin:10px 0}
+img{max-width:100%}img.plot{max-height:420px}.gallery{display:flex;flex-wrap:wrap;gap:8px}
+figure{margin:0;width:104px;text-align:center}figure img{width:96px;height:96px;object-fit:contain;
+image-rendering:pixelated;background:#0f172a;border-radius:4px}.gallery.wide figure{width:168px}
+.gallery.wide figure img{width:160px;height:auto;image-rendering:auto;background:none}
+figcaption{font-size:11px;color:#475569;word-break:break-all}.count{color:#64748b;font-weight:400}
+.group{margin-bottom:12px}.bar{height:12px;background:#3b82f6;border-radius:3px;min-width:2px}
+table.timings td:last-child{width:50%}.cards{display:flex;gap:12px;flex-wrap:wrap;margin-top:14px}
+.kpi{background:#1e293b;border-radius:8px;padding:8px 14px}.kpi b{display:block;font-size:20px}
+"""
+
+
+def header(run: RunView) -> str:
+    base = (run.test.get("baseline") or {}).get("macro_f1")
+    final = (run.test.get("final") or {}).get("macro_f1")
+    gates = [run.gate(r).get("decision") for r in run.rounds if r > 0]
+    kpis = [("test macro-F1, baseline → final", f"{num(base)} → {num(final)}"),
+            ("rounds accepted / rejected", f"{gates.count('accepted')} / {gates.count('rejected')}"),
+            ("synthetic in val/test", num(run.summary.get("synthetic_in_eval_splits",
+                                                          run.test.get("synthetic_in_eval_splits"))))]
+    status = "complete" if run.summary else "partial (no summary.json: the run has not finished)"
+    nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title, _ in SECTIONS)
+    cards = "".join(f'<div class="kpi">{esc(k)}<b>{esc(v)}</b></div>' for k, v in kpis)
+    return (f"<header><h1>vision_si run report: {esc(run.name())}</h1>"
+            f'<p class="meta">started {esc(run.date())} · {esc(run.dir.name)} · status: {esc(status)}</p>'
+            f'<div class="cards">{cards}</div><nav>{nav}</nav></header>')
+
+
+def render(run_dir: Path) -> str:
+    run = RunView(run_dir)
+    body = []
+    for sid, title, build in SECTIONS:
+        try:
+            content = build(run)
+        except Exception as exc:  # noqa: BLE001 - a malformed file must not cost the rest of the report
+            content = na(f"this section could not be read ({type(exc).__name__}: {exc})")
+        body.append(f'<section id="{sid}"><h2>{esc(title)}</h2>{content}</section>')
+    script_hash = base64.b64encode(hashlib.sha256(CHECK_SCRIPT.encode()).digest()).decode()
+    csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'"
+    written = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>vision_si report: {esc(run.name())}</title><style>{CSS}</style></head><body>"
+            f"{header(run)}<main>{''.join(body)}<p class=\"na\">Report written {written} from {esc(run.dir)}.</p>"
+            f"</main><script>{CHECK_SCRIPT}</script></body></html>\n")
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write `report.html` into `run_dir` (atomically) from whatever the run has produced so far."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"'{run_dir}' is not a run directory (it does not exist)")
+    out = run_dir / "report.html"
+    atomic_write_text(out, render(run_dir))
+    return out
