@@ -166,3 +166,12 @@ def test_resize_policies():
     assert stretched.min() >= 0 and stretched.max() <= 1
     same = np.random.default_rng(0).random((8, 8, 1)).astype(np.float32)
     np.testing.assert_array_equal(resize_image(same, 8), same)
+
+
+def test_gray_with_alpha_stays_one_channel():
+    arr = np.array([[[200, 255], [200, 0]]], dtype=np.uint8)  # opaque and fully transparent
+    im = Image.fromarray(arr)  # H×W×2 uint8 is read as "LA"
+    assert im.mode == "LA"
+    out = decode_image(png_bytes(im), alpha="composite_white")
+    assert out.shape == (1, 2, 1)
+    np.testing.assert_allclose(out[0, :, 0], [200 / 255, 1.0], atol=1e-6)

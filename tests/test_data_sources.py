@@ -268,3 +268,14 @@ def test_skip_mode_records_every_dropped_file(image_folder):
     assert sorted(os.path.basename(s["path"]) for s in table.skipped) == ["text.jpg", "zero.png"]
     assert sum(issubclass(w.category, BadImageWarning) for w in caught) == 2
     assert len(table) == 6
+
+
+def test_tables_pickle_for_worker_processes(image_folder):
+    import pickle
+
+    table = load_imagefolder(image_folder({"a": 3, "b": 3}), progress=False).subset([4, 1])
+    clone = pickle.loads(pickle.dumps(table))
+    np.testing.assert_array_equal(clone.load(0), table.load(0))
+    assert clone.ids == table.ids == ["b/001.png", "a/001.png"]
+    digits = load_digits().subset([7])
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(digits)).load(0), digits.load(0))

@@ -46,6 +46,17 @@ class FileRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FileLoader:
+    """Decodes row `j` from its file with the image's own channels (picklable, unlike a lambda)."""
+
+    paths: tuple[str, ...]
+    alpha: str
+
+    def __call__(self, j: int) -> np.ndarray:
+        return decode_image(self.paths[j], None, self.alpha)
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     try:
@@ -144,7 +155,7 @@ def table_from_files(records: Sequence[FileRecord], classes: Sequence[str], *, n
         sha256=[hashes[i] for i in rows],
         groups=[records[i].group for i in rows],
         metadata=[dict(records[i].metadata) for i in rows],
-        loader=lambda j: decode_image(paths[j], None, alpha),
+        loader=FileLoader(tuple(paths), alpha),
         name=name,
         channels=channels,
         skipped=bad.skipped,

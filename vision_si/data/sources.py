@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,19 @@ def load_csv(csv_path: str | Path, *, alpha: str = "composite_black", on_bad_ima
                             max_per_class=max_per_class, seed=seed, progress=progress, bad=bad)
 
 
+@dataclass(frozen=True)
+class ArrayLoader:
+    """Row `j` of an in-memory image array as float32 H×W×C in [0, 1] (picklable)."""
+
+    images: np.ndarray
+    rows: np.ndarray
+    scale: float
+
+    def __call__(self, j: int) -> np.ndarray:
+        im = self.images[self.rows[j]].astype(np.float32) / self.scale
+        return np.clip(im if im.ndim == 3 else im[:, :, None], 0.0, 1.0)
+
+
 def _array_table(name: str, images: np.ndarray, labels: np.ndarray, classes: list[str], ids: list[str],
                  sources: list[str], source_splits: list[str | None] | None,
                  on_bad_image: str) -> SampleTable:
@@ -162,13 +176,9 @@ def _array_table(name: str, images: np.ndarray, labels: np.ndarray, classes: lis
     if channels not in (1, 3):
         raise DataError(f"{name}: images have {channels} channels; 1 or 3 are supported")
 
-    def loader(j: int) -> np.ndarray:
-        im = images[keep[j]].astype(np.float32) / scale
-        return np.clip(im if im.ndim == 3 else im[:, :, None], 0.0, 1.0)
-
     return SampleTable(ids=[ids[i] for i in keep], labels=labels[keep], classes=classes,
                        sources=[sources[i] for i in keep], sha256=[hashes[i] for i in keep],
-                       groups=[None] * len(keep), metadata=[{} for _ in keep], loader=loader, name=name,
+                       groups=[None] * len(keep), metadata=[{} for _ in keep], loader=ArrayLoader(images, keep, scale), name=name,
                        source_splits=None if source_splits is None else [source_splits[i] for i in keep],
                        channels=channels, skipped=bad.skipped, in_memory=True)
 

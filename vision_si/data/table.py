@@ -7,6 +7,7 @@ with the image's own channel count (1 for grayscale, 3 for colour).
 
 `skipped` records the images a source dropped under `on_bad_image: skip` (one dict per file with
 `path` and `reason`); the loop writes it to the run's records, so a skip is never silent.
+Loaders are picklable callables, so a table can travel to DataLoader worker processes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class SubsetLoader:
+    """Row `j` of a subset is row `indices[j]` of its parent (a class, not a lambda, so it pickles
+    into DataLoader worker processes)."""
+
+    parent: Callable[[int], np.ndarray]
+    indices: list[int]
+
+    def __call__(self, j: int) -> np.ndarray:
+        return self.parent(self.indices[j])
 
 
 @dataclass
@@ -63,7 +76,6 @@ class SampleTable:
     def subset(self, indices: Sequence[int] | np.ndarray) -> SampleTable:
         """Rows `indices` (in that order) as a new table; classes are kept even if one empties."""
         idx = [int(i) for i in np.asarray(indices, dtype=np.int64)]
-        parent = self.loader
         return SampleTable(
             ids=[self.ids[i] for i in idx],
             labels=self.labels[idx] if idx else np.zeros(0, dtype=np.int64),
@@ -72,7 +84,7 @@ class SampleTable:
             sha256=[self.sha256[i] for i in idx],
             groups=[self.groups[i] for i in idx],
             metadata=[self.metadata[i] for i in idx],
-            loader=lambda j: parent(idx[j]),
+            loader=SubsetLoader(self.loader, idx),
             name=self.name,
             source_splits=None if self.source_splits is None else [self.source_splits[i] for i in idx],
             channels=self.channels,
