@@ -54,21 +54,37 @@ def _metrics(cm: np.ndarray, classes: list[str]) -> dict:
             "confusion": cm.tolist()}
 
 
-def _diagnose(d: Path, classes: list[str], seed: int) -> None:
+def _diagnose(d: Path, classes: list[str], seed: int, plots: bool = True) -> None:
+    """diagnosis.json and its CSVs as `Diagnosis.save` writes them; PNGs as the plots write them."""
     rng = np.random.default_rng(seed)
-    _json(d / "diagnosis.json", {"classes": classes, "weak_classes": [classes[-1]],
-                                 "confused_pairs": [[classes[-1], classes[0], 7]]})
-    _csv(d / "per_class.csv", ["class", "recall", "recall_lo", "recall_hi", "precision", "f1", "support"],
-         [[c, 0.6 + 0.1 * k, 0.45 + 0.1 * k, 0.75 + 0.05 * k, 0.7, 0.65, 20 + k] for k, c in enumerate(classes)])
-    slices = [f"{classes[-1]}-{j}" for j in range(2)]
-    _csv(d / "slices.csv", ["slice_id", "class", "size", "val_error", "class_error", "weak"],
-         [[s, classes[-1], 12 - 3 * j, 0.5 - 0.2 * j, 0.3, j == 0] for j, s in enumerate(slices)])
-    _csv(d / "budget.csv", ["class_index", "class_name", "slice_id", "count", "exemplar_ids", "mode", "strength"],
-         [[len(classes) - 1, classes[-1], slices[0], 8, "elpv:0001;elpv:0002", "exemplar", 0.5]])
-    for name in ("confusion", "recall", "embedding_map"):
-        _png(d / f"{name}.png", int(rng.integers(1 << 30)), size=48, mode="RGB")
+    k = len(classes)
+    per_class = [{"class_index": j, "class_name": c, "support": 10, "n_train": 30 - 5 * j, "train_share": 0.3,
+                  "recall": 0.8 - 0.2 * (j == k - 1), "recall_ci": [0.5 - 0.2 * (j == k - 1), 0.95],
+                  "precision": 0.75, "precision_ci": [0.5, 0.9], "f1": 0.7, "f1_ci": [0.5, 0.85],
+                  "error_rate": 0.2, "mean_margin": 0.3, "weak": j == k - 1, "confused_with": []}
+                 for j, c in enumerate(classes)]
+    slices = [{"slice_id": f"c{k - 1}-s{j}", "class_index": k - 1, "class_name": classes[-1], "cluster": j,
+               "n_train": 12 - 3 * j, "n_val": 5, "n_val_errors": 3 - 2 * j, "error_rate": 0.6 - 0.4 * j,
+               "error_ci": [0.23, 0.88], "decision_lower": 0.1, "class_error_rate": 0.4, "mean_margin": -0.1,
+               "dominant_wrong_class": classes[0], "dominant_wrong_count": 2, "weak": j == 0,
+               "exemplar_ids": ["elpv:2t000", "elpv:2t001"], "val_error_ids": ["elpv:2v000"]} for j in range(2)]
+    budget = [{"class_index": k - 1, "class_name": classes[-1], "slice_id": slices[0]["slice_id"], "count": 8,
+               "exemplar_ids": ["elpv:2t000", "elpv:2t001"], "mode": "exemplar", "strength": 0.5, "deficit": 4.0}]
+    confusion = (np.full((k, k), 1) + np.diag([8 - 4 * (j == k - 1) for j in range(k)])).tolist()
+    _json(d / "diagnosis.json", {
+        "schema": 1, "seed": seed, "classes": classes, "n_val": 30, "n_train": 75,
+        "overall": {"accuracy": {"value": 0.7, "ci": [0.6, 0.8]}, "macro_f1": {"value": 0.68, "ci": [0.55, 0.8]}},
+        "per_class": per_class, "confusion": confusion,
+        "confused_pairs": [{"true": classes[-1], "predicted": classes[0], "count": 2, "rate": 0.2}],
+        "slices": slices, "budget": budget, "notes": [], "timings_s": {}})
+    for name, rows in (("per_class", per_class), ("slices", slices), ("budget", budget)):
+        _csv(d / f"{name}.csv", list(rows[0]), [[";".join(map(str, v)) if isinstance(v, list) and not key.endswith("_ci")
+                                                 else v for key, v in row.items()] for row in rows])
+    if plots:
+        for name in ("confusion", "recall", "embedding_map"):
+            _png(d / f"{name}.png", int(rng.integers(1 << 30)), size=48, mode="RGB")
     for s in slices:
-        _png(d / "slices" / f"{s}.png", int(rng.integers(1 << 30)), size=32, mode="RGB")
+        _png(d / "slices" / f"{s['slice_id']}.png", int(rng.integers(1 << 30)), size=32, mode="RGB")
 
 
 def _synthetic_round(rd: Path, r: int, classes: list[str], accepted: bool, n: int = 10) -> dict:
@@ -81,7 +97,7 @@ def _synthetic_round(rd: Path, r: int, classes: list[str], accepted: bool, n: in
         _png(gen / "images" / f"{sid}.png", 1000 * r + i)
         cls = i % len(classes)
         rows.append({"id": sid, "path": f"images/{sid}.png", "sha256": f"{r:02d}{i:062d}", "class_index": cls,
-                     "class_name": classes[cls], "slice": f"{classes[cls]}-0", "mode": "exemplar",
+                     "class_name": classes[cls], "slice": f"c{cls}-s0", "mode": "exemplar",
                      "preset": "quick", "generator_sha256": "ab" * 32, "seed": 7 * i, "exemplar_ids": ["elpv:0001"],
                      "strength": 0.5, "steps": 2, "guidance": None, "seconds": 0.01})
         reason = reasons[i % len(reasons)]
@@ -110,7 +126,7 @@ def _synthetic_round(rd: Path, r: int, classes: list[str], accepted: bool, n: in
                             for k, c in enumerate(classes)},
         "n_bootstrap": 1000, "seeds": 1})
     if accepted:
-        _diagnose(tag / "diagnose", classes, seed=r)
+        _diagnose(tag / "diagnose", classes, seed=r, plots=False)  # report draws its own
     return {"round": r, "generated": n, "accepted_by_filter": n_acc, "rejected_by_filter": rejected, "gate": gate}
 
 

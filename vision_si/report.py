@@ -283,56 +283,86 @@ def section_confusion(run: RunView) -> str:
                           f"<h4>final</h4>{confusion_table(cms[1], run.classes)}"))
     else:
         parts.append(na("confusion matrices on test"))
-    parts.append(diagnosis_pair(run, "confusion.png", "confusion on val"))
+
+    def from_json(d: Path) -> str:
+        cm = (load_json(d / "diagnosis.json") or {}).get("confusion")
+        return confusion_table(cm, run.classes) if isinstance(cm, list) else na("confusion on val")
+
+    parts.append(diagnosis_pair(run, "confusion.png", "confusion on val", from_json))
     return "".join(parts)
 
 
-def diagnosis_pair(run: RunView, filename: str, what: str) -> str:
+def diagnosis_pair(run: RunView, filename: str, what: str, fallback: Any) -> str:
+    """The round-0 model's diagnosis plot beside the final model's; `fallback(dir)` when the PNG is missing."""
     first, last = before_after(run)
     if first is None:
         return na(f"{what} (no diagnosis)")
-    left = f"<h4>round {first:02d}</h4>{img(image_bytes(run.round_dir(first) / 'diagnose' / filename), what)}"
-    if last == first:
-        return f"<h3>{esc(what.capitalize())}</h3>" + pair(left, na("a later diagnosis (no round was accepted)"))
-    right = f"<h4>round {last:02d}</h4>{img(image_bytes(run.round_dir(last) / 'diagnose' / filename), what)}"
-    return f"<h3>{esc(what.capitalize())}</h3>" + pair(left, right)
+
+    def one(r: int) -> str:
+        d = run.round_dir(r) / "diagnose"
+        body = img(image_bytes(d / filename), what, "plot") if (d / filename).is_file() else fallback(d)
+        return f"<h4>round {r:02d}</h4>{body}"
+
+    right = one(last) if last != first else na("a later diagnosis (no round was accepted)")
+    return f"<h3>{esc(what.capitalize())}</h3>" + pair(one(first), right)
 
 
-def recall_plot(run: RunView) -> bytes | None:
-    sides = [(label, (run.test.get(side) or {}).get("per_class") or {}) for side, label in
-             (("baseline", "baseline"), ("final", "final"))]
-    if not any(pc for _, pc in sides) or not run.classes:
+def test_recall(pc: dict) -> dict[str, tuple[float, float, float]]:
+    out = {}
+    for c, s in pc.items():
+        if isinstance(s, dict) and s.get("recall") is not None:
+            rec, n = float(s["recall"]), int(s.get("support") or 0)
+            out[c] = (rec, *(wilson_interval(round(rec * n), n) if n else (rec, rec)))
+    return out
+
+
+def diagnosis_recall(diag: dict) -> dict[str, tuple[float, float, float]]:
+    out = {}
+    for s in diag.get("per_class") or []:
+        ci = s.get("recall_ci") or [s.get("recall"), s.get("recall")]
+        if s.get("recall") is not None:
+            out[str(s.get("class_name"))] = (float(s["recall"]), float(ci[0]), float(ci[1]))
+    return out
+
+
+def recall_plot(series: list[tuple[str, dict]], classes: list[str], ylabel: str) -> bytes | None:
+    """Recall per class with its interval, one colour per series (e.g. baseline and final)."""
+    if not classes or not any(points for _, points in series):
         return None
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(max(4.0, 1.1 * len(run.classes) + 1.5), 3.0))
+    fig = Figure(figsize=(max(4.5, 1.2 * len(classes) + 1.5), 3.0))
     ax = fig.add_subplot()
-    for j, ((label, pc), color) in enumerate(zip(sides, ("#94a3b8", "#2563eb"))):
-        xs, ys, lo, hi = [], [], [], []
-        for k, c in enumerate(run.classes):
-            s = pc.get(c) or {}
-            if s.get("recall") is None:
-                continue
-            rec, n = float(s["recall"]), int(s.get("support") or 0)
-            a, b = wilson_interval(round(rec * n), n) if n else (rec, rec)
-            xs.append(k + (j - 0.5) * 0.25)
-            ys.append(rec)
-            lo.append(max(0.0, rec - a))
-            hi.append(max(0.0, b - rec))
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=color, capsize=3, label=label)
-    ax.set_xticks(range(len(run.classes)), [c if len(c) <= 14 else c[:13] + "…" for c in run.classes])
+    colors = ("#94a3b8", "#2563eb", "#16a34a")
+    for j, (label, points) in enumerate(series):
+        ks = [k for k, c in enumerate(classes) if c in points]
+        ys = [points[classes[k]][0] for k in ks]
+        err = [[y - points[classes[k]][1] for k, y in zip(ks, ys, strict=True)],
+               [points[classes[k]][2] - y for k, y in zip(ks, ys, strict=True)]]
+        offset = (j - (len(series) - 1) / 2) * 0.22
+        ax.errorbar([k + offset for k in ks], ys, yerr=[[max(0.0, e) for e in row] for row in err], fmt="o",
+                    color=colors[j % len(colors)], capsize=3, label=label)
+    ax.set_xticks(range(len(classes)), [c if len(c) <= 14 else c[:13] + "…" for c in classes])
     ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("recall on test")
+    ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return figure_png(fig)
 
 
 def section_recall(run: RunView) -> str:
-    plot = recall_plot(run)
+    series = [(label, test_recall((run.test.get(side) or {}).get("per_class") or {}))
+              for side, label in (("baseline", "baseline"), ("final", "final"))]
+    plot = recall_plot(series, run.classes, "recall on test")
     parts = [f"<h3>On test, with 95% Wilson intervals</h3>{img(plot, 'per-class recall on test', 'plot')}" if plot
              else na("per-class recall on test")]
-    parts.append(diagnosis_pair(run, "recall.png", "recall on val"))
+
+    def from_json(d: Path) -> str:
+        png = recall_plot([("val", diagnosis_recall(load_json(d / "diagnosis.json") or {}))], run.classes,
+                          "recall on val")
+        return img(png, "per-class recall on val", "plot") if png else na("per-class recall on val")
+
+    parts.append(diagnosis_pair(run, "recall.png", "recall on val", from_json))
     return "".join(parts)
 
 
@@ -381,6 +411,10 @@ def gate_card(r: int, g: dict) -> str:
             "</div></div>")
 
 
+SLICE_COLUMNS = ("slice_id", "class_name", "n_train", "n_val", "n_val_errors", "error_rate", "class_error_rate",
+                 "dominant_wrong_class", "weak")
+
+
 def section_slices(run: RunView) -> str:
     diagnosed = [r for r in run.rounds if (run.round_dir(r) / "diagnose").is_dir()]
     if not diagnosed:
@@ -388,27 +422,44 @@ def section_slices(run: RunView) -> str:
     parts = []
     for r in diagnosed:
         d = run.round_dir(r) / "diagnose"
-        parts.append(f"<h3>Round {r:02d}</h3>")
-        slices = load_csv(d / "slices.csv")
+        diag = load_json(d / "diagnosis.json") or {}
+        slices = diag.get("slices") or load_csv(d / "slices.csv") or []
+        slices = sorted(slices, key=lambda s: not truthy(s.get("weak")))
+        n_weak = sum(truthy(s.get("weak")) for s in slices)
+        parts.append(f"<h3>Round {r:02d}: {n_weak} weak of {len(slices)} clusters</h3>")
         if slices:
-            header = list(slices[0])
-            weak = ["weak" if truthy(row.get("weak")) else "" for row in slices[:TABLE_CAP]]
-            parts.append(table(header, [[num(row.get(h)) if is_float(row.get(h)) else row.get(h)
-                                         for h in header] for row in slices[:TABLE_CAP]], "num", weak))
+            cols = [c for c in SLICE_COLUMNS if c in slices[0]] or list(slices[0])[:8]
+            rows = [[with_ci(s[c], s.get("error_ci")) if c == "error_rate" else num(s.get(c)) if is_float(s.get(c))
+                     else s.get(c) for c in cols] for s in slices[:TABLE_CAP]]
+            parts.append(table(cols, rows, "num", ["weak" if truthy(s.get("weak")) else "" for s in slices]))
         else:
-            parts.append(na("slices.csv"))
-        budget = load_csv(d / "budget.csv")
+            parts.append(na("slices (diagnosis.json / slices.csv)"))
+        pairs = diag.get("confused_pairs") or []
+        if pairs and isinstance(pairs[0], dict):
+            parts.append("<p><b>Most confused (true → predicted):</b> " + esc("; ".join(
+                f"{p.get('true')} → {p.get('predicted')} ({p.get('count')})" for p in pairs[:5])) + "</p>")
+        budget = diag.get("budget") or load_csv(d / "budget.csv") or []
         if budget:
-            parts.append("<h4>Budget: images asked of the generator</h4>")
-            parts.append(table(list(budget[0]), [list(row.values()) for row in budget[:TABLE_CAP]]))
-        figs = [f'<figure>{img(image_bytes(p), p.stem, "exemplar")}<figcaption>{esc(p.stem)}</figcaption></figure>'
-                for p in sorted((d / "slices").glob("*.png"))]
+            cols = [c for c in ("class_name", "slice_id", "count", "mode", "strength") if c in budget[0]]
+            rows = [[*[num(a.get(c)) if c == "strength" else a.get(c) for c in cols], n_items(a.get("exemplar_ids"))]
+                    for a in budget[:TABLE_CAP]]
+            parts.append("<h4>Budget: images asked of the generator</h4>" + table([*cols, "exemplars"], rows, "num"))
+        weak_ids = [str(s.get("slice_id")) for s in slices if truthy(s.get("weak"))]
+        pngs = sorted((d / "slices").glob("*.png"), key=lambda p: (p.stem not in weak_ids, p.stem))
+        figs = [f'<figure>{img(image_bytes(p), p.stem, "exemplar")}<figcaption>{esc(p.stem)}'
+                f'{" (weak)" if p.stem in weak_ids else ""}</figcaption></figure>' for p in pngs]
         if figs:
             parts.append(f'<h4>Exemplars per slice</h4><div class="gallery wide">{"".join(figs)}</div>')
         emb = d / "embedding_map.png"
         if emb.is_file():
             parts.append(f'<h4>Embedding map</h4>{img(image_bytes(emb), "embedding map", "plot")}')
     return "".join(parts)
+
+
+def n_items(value: Any) -> int:
+    if isinstance(value, list):
+        return len(value)
+    return len([v for v in str(value or "").split(";") if v.strip()])
 
 
 def is_float(value: Any) -> bool:
@@ -460,9 +511,8 @@ def section_galleries(run: RunView) -> str:
         for reason in reasons:
             groups[f"rejected: {reason}"] = [x for x in rejected if (x.get("reason") or "unspecified") == reason]
         groups["human review overrides"] = [x for x in scores if truthy(x.get("overridden"))]
-        for title, rows in groups.items():
-            if rows or title == "accepted":
-                parts.append(gallery(title, rows, rd, paths))
+        parts.append('<div class="groups">' + "".join(gallery(title, rows, rd, paths) for title, rows in groups.items()
+                                                      if rows or title == "accepted") + "</div>")
     return "".join(parts)
 
 
@@ -524,12 +574,12 @@ color:#166534}.badge.bad{background:#fee2e2;color:#991b1b}.badge.warn{background
 .pill.warn{background:#fef9c3;color:#854d0e}.up{color:#15803d}.down{color:#b91c1c}
 .pair{display:flex;flex-wrap:wrap;gap:24px}.pair>div{flex:1 1 300px;min-width:0}
 .card{border:1px solid #e2e8f0;border-radius:8px;padding:8px 16px;margin:10px 0}
-img{max-width:100%}img.plot{max-height:420px}.gallery{display:flex;flex-wrap:wrap;gap:8px}
+img{max-width:100%}img.plot{width:100%;max-width:560px;height:auto}.gallery{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0;width:104px;text-align:center}figure img{width:96px;height:96px;object-fit:contain;
 image-rendering:pixelated;background:#0f172a;border-radius:4px}.gallery.wide figure{width:168px}
 .gallery.wide figure img{width:160px;height:auto;image-rendering:auto;background:none}
 figcaption{font-size:11px;color:#475569;word-break:break-all}.count{color:#64748b;font-weight:400}
-.group{margin-bottom:12px}.bar{height:12px;background:#3b82f6;border-radius:3px;min-width:2px}
+.groups{display:flex;flex-wrap:wrap;gap:4px 32px}.group{margin-bottom:10px}.bar{height:12px;background:#3b82f6;border-radius:3px;min-width:2px}
 table.timings td:last-child{width:50%}.cards{display:flex;gap:12px;flex-wrap:wrap;margin-top:14px}
 .kpi{background:#1e293b;border-radius:8px;padding:8px 14px}.kpi b{display:block;font-size:20px}
 """
