@@ -159,3 +159,45 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
         if m.any():
             ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
     return float(ece)
+
+
+def bootstrap_confusions(cm: np.ndarray, n_bootstrap: int = 1000, seed: int = 0) -> np.ndarray:
+    """Confusion matrices of `n_bootstrap` image resamples, drawn without touching the images: (B, K, K).
+
+    Resampling N images with replacement and tallying them gives exactly a multinomial draw of the
+    N cells with the observed cell frequencies, so this has the same distribution as the
+    index-based bootstrap above, in memory B·K² instead of B·N (what 200,000 images need).
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    k = cm.shape[0]
+    total = int(cm.sum())
+    if total == 0:
+        return np.zeros((n_bootstrap, k, k), dtype=np.int64)
+    draws = np.random.default_rng(seed).multinomial(total, cm.ravel() / total, size=n_bootstrap)
+    return draws.reshape(n_bootstrap, k, k)
+
+
+def confusion_metric_samples(cms: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy, macro-F1 (B,) and per-class recall/precision/F1 (B, K) of each matrix.
+
+    Per-class values are NaN where a resample has no image of the class (recall, F1) or no
+    prediction of it (precision), so percentiles skip resamples where the value is undefined.
+    """
+    cms = np.asarray(cms, dtype=float)
+    tp = np.diagonal(cms, axis1=1, axis2=2)
+    support = cms.sum(axis=2)
+    predicted = cms.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.where(support > 0, tp / np.maximum(support, 1), np.nan)
+        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), np.nan)
+        p0 = np.nan_to_num(precision)
+        r0 = np.nan_to_num(recall)
+        f1 = np.where(r0 + p0 > 0, 2 * r0 * p0 / (r0 + p0), 0.0)
+        f1 = np.where(support > 0, f1, np.nan)
+        total = cms.sum(axis=(1, 2))
+        return {
+            "accuracy": tp.sum(axis=1) / np.maximum(total, 1),
+            "balanced_accuracy": np.nanmean(recall, axis=1),
+            "macro_f1": np.nanmean(f1, axis=1),
+            "recall": recall, "precision": precision, "f1": f1,
+        }
