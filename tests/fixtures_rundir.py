@@ -131,7 +131,7 @@ def _synthetic_round(rd: Path, r: int, classes: list[str], accepted: bool, n: in
 
 
 def build_run_dir(root: Path, *, classes: list[str] | None = None, rounds: int = 2, final: bool = True,
-                  name: str = "fixture") -> Path:
+                  name: str = "fixture", images_per_round: int = 10) -> Path:
     """Write a run directory under `root` and return its path."""
     classes = list(classes or ["functional", "mild", "defective"])
     rd = Path(root) / f"20250101-120000-{name}"
@@ -153,7 +153,7 @@ def build_run_dir(root: Path, *, classes: list[str] | None = None, rounds: int =
     timings = {"round-00/train": 12.5, "round-00/diagnose": 1.5}
     summaries = []
     for r in range(1, rounds + 1):
-        summaries.append(_synthetic_round(rd, r, classes, accepted=(r == 1)))
+        summaries.append(_synthetic_round(rd, r, classes, accepted=(r == 1), n=images_per_round))
         timings.update({f"round-{r:02d}/generate": 20.0 + r, f"round-{r:02d}/filter": 3.0, f"round-{r:02d}/gate": 25.0})
     events = [{"time": "2025-01-01T12:00:00", "event": "stage_done", "stage": s, "seconds": t}
               for s, t in timings.items()]

@@ -107,6 +107,11 @@ def load_json(path: Path) -> Any:
         return None
 
 
+def load_dict(path: Path) -> dict:
+    value = load_json(path)
+    return value if isinstance(value, dict) else {}
+
+
 def load_csv(path: Path) -> list[dict[str, str]] | None:
     try:
         with open(path, newline="", encoding="utf-8") as fh:
@@ -124,15 +129,18 @@ class RunView:
 
     def __init__(self, run_dir: Path) -> None:
         self.dir = run_dir
-        self.summary = load_json(run_dir / "summary.json") or {}
-        self.env = load_json(run_dir / "env.json") or {}
-        self.events = EventLog(run_dir).read()
-        self.test = self.summary.get("test") or load_json(run_dir / "final" / "test.json") or {}
+        self.summary = load_dict(run_dir / "summary.json")
+        self.env = load_dict(run_dir / "env.json")
+        self.events = [e for e in EventLog(run_dir).read() if isinstance(e, dict)]
+        test = self.summary.get("test")
+        self.test = test if isinstance(test, dict) else load_dict(run_dir / "final" / "test.json")
         self.config = self._config()
         self.splits = load_csv(run_dir / "splits.csv") or []
-        self.classes = [str(c) for c in self.summary.get("classes") or self._classes_from_splits()]
+        classes = self.summary.get("classes")
+        self.classes = [str(c) for c in (classes if isinstance(classes, list) else self._classes_from_splits())]
         self.rounds = sorted(int(p.name[6:]) for p in run_dir.glob("round-[0-9][0-9]") if p.is_dir())
-        self.summary_rounds = {int(r.get("round", -1)): r for r in self.summary.get("rounds") or []
+        rounds = self.summary.get("rounds")
+        self.summary_rounds = {r.get("round"): r for r in (rounds if isinstance(rounds, list) else [])
                                if isinstance(r, dict)}
 
     def _config(self) -> dict:
@@ -164,8 +172,9 @@ class RunView:
 
     def gate(self, r: int) -> dict:
         """A round's gate decision in one shape, from gate/decision.json or summary.json."""
-        dec = load_json(self.round_dir(r) / "gate" / "decision.json") or {}
-        s = self.summary_rounds.get(r, {}).get("gate") or {}
+        dec = load_dict(self.round_dir(r) / "gate" / "decision.json")
+        s = self.summary_rounds.get(r, {}).get("gate")
+        s = s if isinstance(s, dict) else {}
         src = dec or s
         if not src:
             return {}
@@ -285,7 +294,7 @@ def section_confusion(run: RunView) -> str:
         parts.append(na("confusion matrices on test"))
 
     def from_json(d: Path) -> str:
-        cm = (load_json(d / "diagnosis.json") or {}).get("confusion")
+        cm = load_dict(d / "diagnosis.json").get("confusion")
         return confusion_table(cm, run.classes) if isinstance(cm, list) else na("confusion on val")
 
     parts.append(diagnosis_pair(run, "confusion.png", "confusion on val", from_json))
@@ -358,7 +367,7 @@ def section_recall(run: RunView) -> str:
              else na("per-class recall on test")]
 
     def from_json(d: Path) -> str:
-        png = recall_plot([("val", diagnosis_recall(load_json(d / "diagnosis.json") or {}))], run.classes,
+        png = recall_plot([("val", diagnosis_recall(load_dict(d / "diagnosis.json")))], run.classes,
                           "recall on val")
         return img(png, "per-class recall on val", "plot") if png else na("per-class recall on val")
 
@@ -422,7 +431,7 @@ def section_slices(run: RunView) -> str:
     parts = []
     for r in diagnosed:
         d = run.round_dir(r) / "diagnose"
-        diag = load_json(d / "diagnosis.json") or {}
+        diag = load_dict(d / "diagnosis.json")
         slices = diag.get("slices") or load_csv(d / "slices.csv") or []
         slices = sorted(slices, key=lambda s: not truthy(s.get("weak")))
         n_weak = sum(truthy(s.get("weak")) for s in slices)
@@ -601,15 +610,16 @@ def header(run: RunView) -> str:
             f'<div class="cards">{cards}</div><nav>{nav}</nav></header>')
 
 
+def guarded(build: Any, run: RunView) -> str:
+    try:
+        return build(run)
+    except Exception as exc:  # noqa: BLE001 - a malformed file must not cost the rest of the report
+        return na(f"this part could not be read ({type(exc).__name__}: {exc})")
+
+
 def render(run_dir: Path) -> str:
     run = RunView(run_dir)
-    body = []
-    for sid, title, build in SECTIONS:
-        try:
-            content = build(run)
-        except Exception as exc:  # noqa: BLE001 - a malformed file must not cost the rest of the report
-            content = na(f"this section could not be read ({type(exc).__name__}: {exc})")
-        body.append(f'<section id="{sid}"><h2>{esc(title)}</h2>{content}</section>')
+    body = [f'<section id="{sid}"><h2>{esc(title)}</h2>{guarded(build, run)}</section>' for sid, title, build in SECTIONS]
     script_hash = base64.b64encode(hashlib.sha256(CHECK_SCRIPT.encode()).digest()).decode()
     csp = f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'"
     written = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -617,7 +627,7 @@ def render(run_dir: Path) -> str:
             f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>vision_si report: {esc(run.name())}</title><style>{CSS}</style></head><body>"
-            f"{header(run)}<main>{''.join(body)}<p class=\"na\">Report written {written} from {esc(run.dir)}.</p>"
+            f"{guarded(header, run)}<main>{''.join(body)}<p class=\"na\">Report written {written} from {esc(run.dir)}.</p>"
             f"</main><script>{CHECK_SCRIPT}</script></body></html>\n")
 
 
