@@ -97,23 +97,31 @@ def _synthetic_round(rd: Path, r: int, classes: list[str], accepted: bool, n: in
         _png(gen / "images" / f"{sid}.png", 1000 * r + i)
         cls = i % len(classes)
         rows.append({"id": sid, "path": f"images/{sid}.png", "sha256": f"{r:02d}{i:062d}", "class_index": cls,
-                     "class_name": classes[cls], "slice": f"c{cls}-s0", "mode": "exemplar",
-                     "preset": "quick", "generator_sha256": "ab" * 32, "seed": 7 * i, "exemplar_ids": ["elpv:0001"],
+                     "class_name": classes[cls], "slice": f"c{cls}-s0", "mode": "exemplar", "preset": "quick",
+                     "generator_sha256": "ab" * 32, "seed": 7 * i, "exemplar_ids": ["elpv:0001"],
                      "strength": 0.5, "steps": 2, "guidance": None, "seconds": 0.01})
         reason = reasons[i % len(reasons)]
-        decision = "reject" if reason else "accept"
-        overridden = r == 2 and i == 3  # a human accepted an image the critic called off-class
-        if overridden:
-            decision = "accept"
-        scores.append([sid, classes[cls], 0.9 - 0.05 * i, 0.3, 1.2, 0.4, 0.1, 0.2, decision, reason, overridden])
+        decision, overridden = ("rejected" if reason else "accepted"), False
+        if r == 2 and i == 3:  # a human accepted an image the critic called off-class (reason kept)
+            decision, overridden = "accepted", True
+        if r == 2 and i == 0:  # and rejected one the filter had accepted
+            decision, reason, overridden = "rejected", "human_review", True
+        scores.append([sid, cls, 0.9 - 0.05 * i, 0.3, 1.2, 0.4, 0.1, 0.2, decision, reason, reason, overridden])
     gen.mkdir(parents=True, exist_ok=True)
     (gen / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
-    header = ["id", "class", "fidelity", "informativeness", "realism", "memorisation", "leakage", "duplicate",
-              "decision", "reason", "overridden"]
+    header = ["id", "class", "fidelity", "informativeness", "realism_distance", "memorisation_cosine",
+              "leak_cosine", "duplicate_cosine", "decision", "reason", "failed", "overridden"]
     _csv(tag / "filter" / "scores.csv", header, scores)
-    rejected = {k: sum(1 for s in scores if s[9] == k and s[8] == "reject") for k in REASONS}
-    n_acc = sum(1 for s in scores if s[8] == "accept")
-    _json(tag / "filter" / "filter.json", {"accepted": n_acc, "rejected": rejected})
+    rejected = {k: sum(1 for s in scores if s[9] == k and s[8] == "rejected") for k in (*REASONS, "human_review")}
+    n_acc = sum(1 for s in scores if s[8] == "accepted")
+    quantiles = {"min": 0.05, "p05": 0.1, "p50": 0.3, "p95": 0.5, "max": 0.6}
+    _json(tag / "filter" / "filter.json", {
+        "accepted_ids": [s[0] for s in scores if s[8] == "accepted"], "counts": rejected,
+        "overridden_ids": [s[0] for s in scores if s[11]], "review_refused_ids": [],
+        "closest_real": {"candidates": {"cosine_distance": quantiles, "pixel_distance": quantiles},
+                         "real_train": {"cosine_distance": quantiles, "pixel_distance": quantiles,
+                                        "n_sampled": 75}},
+        "n_candidates": n})
     delta = 0.06 if accepted else -0.01
     gate = {"decision": "accepted" if accepted else "rejected", "metric": "macro_f1",
             "before": {"value": 0.61, "ci": [0.52, 0.70]}, "after": {"value": 0.61 + delta, "ci": [0.55, 0.75]},

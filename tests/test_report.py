@@ -69,7 +69,9 @@ def test_full_report_has_every_section_with_its_content(full_report):
     assert "1 weak of 2 clusters" in text and "c2-s0 (weak)" in text
     for group in ("accepted", "rejected: off_class", "rejected: too_easy", "human review overrides"):
         assert f"<h4>{group} " in text
-    assert "now accept (filter: off_class)" in text  # the human override says what it overrode
+    assert "accepted by a reviewer (filter: off_class)" in text  # the human override says what it overrode
+    assert "rejected by a reviewer (the filter had accepted it)" in text
+    assert "nearest real training image (memorisation check)" in text
     assert "round-01/generate" in text and 'class="bar"' in text
 
 

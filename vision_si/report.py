@@ -501,40 +501,71 @@ def section_galleries(run: RunView) -> str:
     parts = []
     for r in synth:
         rd = run.round_dir(r)
-        paths = {m.get("id"): rd / "generate" / str(m.get("path", "")) for m in manifest_rows(rd)}
+        manifest = manifest_rows(rd)
+        paths = {m.get("id"): rd / "generate" / str(m.get("path", "")) for m in manifest}
         scores = load_csv(rd / "filter" / "scores.csv")
         parts.append(f"<h3>Round {r:02d}</h3>")
         if scores is None:
-            rows = [{"id": i, "class": "", "decision": "", "reason": "generated"} for i in paths]
-            parts.append(na("filter decisions (filter/scores.csv missing): all generated images shown"))
-            parts.append(gallery("generated", rows, rd, paths) if rows else na("generated images"))
+            rows = [{"id": m.get("id"), "class": m.get("class_index")} for m in manifest]
+            parts.append(na("filter decisions (filter/scores.csv missing): the generated images are shown"))
+            parts.append(gallery("generated", rows, run, rd, paths) if rows else na("generated images"))
             continue
         if run.gate(r).get("decision") == "rejected":
             parts.append('<p class="note">The gate rejected this round: even the images the filter accepted '
                          "were not used for training.</p>")
-        groups: dict[str, list[dict]] = {"accepted": [r_ for r_ in scores if accepted(r_)
-                                                      and not truthy(r_.get("overridden"))]}
-        rejected = [r_ for r_ in scores if not accepted(r_) and not truthy(r_.get("overridden"))]
-        reasons = sorted({row.get("reason") or "unspecified" for row in rejected},
-                         key=lambda k: (REASON_ORDER.index(k) if k in REASON_ORDER else 99, k))
-        for reason in reasons:
+        plain = [x for x in scores if not truthy(x.get("overridden"))]
+        groups = {"accepted": [x for x in plain if accepted(x)]}
+        rejected = [x for x in plain if not accepted(x)]
+        for reason in sorted({x.get("reason") or "unspecified" for x in rejected},
+                             key=lambda k: (REASON_ORDER.index(k) if k in REASON_ORDER else 99, k)):
             groups[f"rejected: {reason}"] = [x for x in rejected if (x.get("reason") or "unspecified") == reason]
         groups["human review overrides"] = [x for x in scores if truthy(x.get("overridden"))]
-        parts.append('<div class="groups">' + "".join(gallery(title, rows, rd, paths) for title, rows in groups.items()
+        parts.append('<div class="groups">' + "".join(gallery(title, rows, run, rd, paths)
+                                                      for title, rows in groups.items()
                                                       if rows or title == "accepted") + "</div>")
+        meta = load_dict(rd / "filter" / "filter.json")
+        if meta.get("review_refused_ids"):
+            parts.append(f'<p class="note">A reviewer\'s "accept" was refused for {len(meta["review_refused_ids"])}'
+                         " image(s) that leak an evaluation image.</p>")
+        parts.append(closest_real_table(meta.get("closest_real")))
     return "".join(parts)
 
 
-def gallery(title: str, rows: list[dict], round_dir: Path, paths: dict) -> str:
+def closest_real_table(closest: Any) -> str:
+    """Distance of candidates to their nearest real training image beside real images' own: a privacy check."""
+    if not isinstance(closest, dict) or not isinstance(closest.get("candidates"), dict):
+        return ""
+    rows = []
+    for who in ("candidates", "real_train"):
+        for kind, q in (closest.get(who) or {}).items():
+            if isinstance(q, dict):
+                rows.append([who.replace("_", " "), kind.replace("_", " "), *[num(v) for v in q.values()]])
+    if not rows:
+        return ""
+    quantiles = list(closest["candidates"].get("cosine_distance") or {})
+    return ("<h4>Distance to the nearest real training image (memorisation check)</h4>"
+            + table(["images", "distance", *quantiles], rows, "num"))
+
+
+def class_name(run: RunView, value: Any) -> str:
+    """scores.csv and the manifest carry class indices; the page shows names."""
+    try:
+        return run.classes[int(value)]
+    except (TypeError, ValueError, IndexError):
+        return str(value if value is not None else "")
+
+
+def gallery(title: str, rows: list[dict], run: RunView, round_dir: Path, paths: dict) -> str:
     figs = []
     for row in rows[:GALLERY_CAP]:
-        sid = row.get("id", "")
+        sid = str(row.get("id", ""))
         path = paths.get(sid) or round_dir / "generate" / "images" / f"{sid}.png"
         data = image_bytes(path, THUMB_PX) if path.is_file() else None
-        caption = row.get("class", "")
+        caption = class_name(run, row.get("class"))
         if truthy(row.get("overridden")):
-            caption = f"{caption} · now {row.get('decision', '?')} (filter: {row.get('reason') or '–'})"
-        tip = ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("decision", "overridden"))
+            caption += (f" · accepted by a reviewer (filter: {row.get('reason') or '–'})" if accepted(row)
+                        else " · rejected by a reviewer (the filter had accepted it)")
+        tip = f"{sid}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("id", "class", "overridden"))
         figs.append(f"<figure>{img(data, sid, 'thumb', tip) if data else na('image')}"
                     f"<figcaption>{esc(caption)}</figcaption></figure>")
     shown = f"showing {min(len(rows), GALLERY_CAP)} of {len(rows)}" if len(rows) > GALLERY_CAP else f"{len(rows)}"
