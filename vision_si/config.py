@@ -120,6 +120,11 @@ class FilterConfig:
     leak_pixel: float = 0.95
     duplicate_cosine: float = 0.995
     duplicate_pixel: float = 0.98
+    # Thresholds taken from the real data's own scores instead of the fixed values above (null: fixed).
+    fidelity_percentile: float | None = None  # fidelity_min := this percentile of the critic's true-class prob on real val
+    memorisation_percentile: float | None = None  # memorisation_* := this percentile of real train's nearest-other-real similarity
+    realism_method: Literal["knn", "lof"] = "knn"  # realism threshold is always realism_percentile of real train's own scores
+    pixel_size: int = 16  # images are area-averaged to this size before the pixel correlation
 
 
 @dataclass
@@ -412,6 +417,11 @@ def validate_config(cfg: RunConfig) -> None:
         _check(0 <= v <= 1, f"filter.{key}", v, "0 to 1")
     _check(f.realism_k >= 1, "filter.realism_k", f.realism_k, ">= 1")
     _check(50 <= f.realism_percentile <= 100, "filter.realism_percentile", f.realism_percentile, "50 to 100")
+    _check(f.fidelity_percentile is None or 0 <= f.fidelity_percentile <= 50, "filter.fidelity_percentile",
+           f.fidelity_percentile, "0 to 50, or null")
+    _check(f.memorisation_percentile is None or 50 <= f.memorisation_percentile <= 100,
+           "filter.memorisation_percentile", f.memorisation_percentile, "50 to 100, or null")
+    _check(2 <= f.pixel_size <= 256, "filter.pixel_size", f.pixel_size, "2 to 256")
     t = cfg.gate
     _check(-1 <= t.min_delta <= 1, "gate.min_delta", t.min_delta, "-1 to 1")
     _check(0 <= t.tolerance <= 1, "gate.tolerance", t.tolerance, "0 to 1")
