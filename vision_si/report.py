@@ -378,7 +378,9 @@ def section_galleries(run: RunView) -> str:
         manifest = manifest_rows(rd)
         paths = {m.get("id"): rd / "generate" / str(m.get("path", "")) for m in manifest}
         scores = load_csv(rd / "filter" / "scores.csv")
-        parts.append(f"<h3>Round {r:02d}</h3>")
+        made = Counter(f"{m.get('preset')}/{m.get('mode')}" for m in manifest)
+        parts.append(f"<h3>Round {r:02d}</h3><p>{len(manifest)} images generated (preset/mode: "
+                     f"{esc(', '.join(f'{k} × {v}' for k, v in made.items()) or '–')}).</p>")
         if scores is None:
             rows = [{"id": m.get("id"), "class": m.get("class_index")} for m in manifest]
             parts.append(na("filter decisions (filter/scores.csv missing): the generated images are shown"))

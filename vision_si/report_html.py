@@ -187,9 +187,9 @@ img{max-width:100%}img.plot{width:100%;max-width:560px;height:auto}.gallery{disp
 figure{margin:0;width:104px;text-align:center}figure img{width:96px;height:96px;object-fit:contain;
 image-rendering:pixelated;background:#0f172a;border-radius:4px}.gallery.wide figure{width:168px}
 .gallery.wide figure img{width:160px;height:auto;image-rendering:auto;background:none}
-figcaption{font-size:11px;color:#475569;word-break:break-all}.count{color:#64748b;font-weight:400}
+figcaption{font-size:11px;color:#475569;overflow-wrap:anywhere}.count{color:#64748b;font-weight:400}
 .groups{display:flex;flex-wrap:wrap;gap:4px 32px}.group{margin-bottom:10px}.bar{height:12px;background:#3b82f6;border-radius:3px;min-width:2px}
-table.timings td:last-child{width:50%}.cards{display:flex;gap:12px;flex-wrap:wrap;margin-top:14px}
+table.timings{width:100%;max-width:760px}table.timings td:last-child{width:60%}.cards{display:flex;gap:12px;flex-wrap:wrap;margin-top:14px}
 .kpi{background:#1e293b;border-radius:8px;padding:8px 14px}.kpi b{display:block;font-size:20px}
 """
 
