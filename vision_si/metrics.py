@@ -109,12 +109,16 @@ def metric_samples(labels: np.ndarray, preds: np.ndarray, k: int, idx: np.ndarra
 def bootstrap_interval(labels: np.ndarray, preds: np.ndarray, k: int, metric: str, *, n_bootstrap: int = 1000,
                        confidence: float = 0.95, seed: int = 0,
                        weak_classes: list[int] | None = None) -> tuple[float, float]:
-    """Percentile bootstrap interval of `metric` over resampled images."""
+    """Percentile bootstrap interval of `metric` over resampled images.
+
+    `preds` may be 2-D (seeds × N): the metric is then averaged over seeds on each resample.
+    """
     labels = np.asarray(labels, int)
     if labels.size == 0:
         return 0.0, 1.0
     idx = _bootstrap_indices(labels.size, n_bootstrap, seed)
-    samples = metric_samples(labels, preds, k, idx, metric, weak_classes)
+    rows = np.atleast_2d(np.asarray(preds, int))
+    samples = np.mean([metric_samples(labels, p, k, idx, metric, weak_classes) for p in rows], axis=0)
     lo, hi = np.nanpercentile(samples, [50 * (1 - confidence), 50 * (1 + confidence)])
     return float(lo), float(hi)
 

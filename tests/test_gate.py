@@ -1,0 +1,138 @@
+"""The gate: accepts a confident gain, refuses no gain, a loss, or a collapsing class."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from vision_si.config import GateConfig
+from vision_si.errors import DataError, InputError
+from vision_si.gate import GateDecision, decide
+
+CLASSES = ["a", "b", "c", "d"]
+K = len(CLASSES)
+
+
+@pytest.fixture
+def val():
+    """400 val images, 100 per class; a baseline right on about 70 % of them."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(K), 100)
+    wrong = rng.uniform(size=labels.size) < 0.3
+    base = np.where(wrong, (labels + rng.integers(1, K, labels.size)) % K, labels)
+    return labels, base, rng
+
+
+def fix_errors(labels, preds, rows):
+    out = preds.copy()
+    out[rows] = labels[rows]
+    return out
+
+
+def test_a_candidate_better_on_a_chunk_of_val_is_accepted(val):
+    labels, base, _ = val
+    errors = np.flatnonzero(base != labels)
+    cand = fix_errors(labels, base, errors[: len(errors) // 2])  # half the errors fixed, nothing broken
+    d = decide(GateConfig(), val_labels=labels, baseline_preds=base, candidate_preds=cand, classes=CLASSES)
+    assert d.accepted and d.reason_code == "gain" and d.decision == "accepted"
+    assert d.delta["ci"][0] > 0 and d.after["value"] > d.before["value"]
+    assert d.delta["value"] == pytest.approx(d.after["value"] - d.before["value"])
+    assert all(v["delta"] >= 0 for v in d.per_class.values())
+
+
+def test_a_worse_candidate_is_refused(val):
+    labels, base, rng = val
+    right = np.flatnonzero(base == labels)
+    cand = base.copy()
+    broken = right[: len(right) // 5]
+    cand[broken] = (labels[broken] + 1) % K
+    d = decide(GateConfig(), val_labels=labels, baseline_preds=base, candidate_preds=cand, classes=CLASSES)
+    assert not d.accepted and d.reason_code == "no_confident_gain" and d.delta["ci"][1] < 0
+    assert "lower bound" in d.reason
+
+
+def test_identical_predictions_are_refused_because_the_lower_bound_is_not_above_zero(val):
+    labels, base, _ = val
+    d = decide(GateConfig(), val_labels=labels, baseline_preds=base, candidate_preds=base.copy(), classes=CLASSES)
+    assert not d.accepted and d.delta["ci"] == [0.0, 0.0] and d.reason_code == "no_confident_gain"
+
+
+def test_a_collapsing_class_is_refused_even_with_an_overall_gain(val):
+    labels, base, _ = val
+    cand = fix_errors(labels, base, np.flatnonzero((base != labels) & (labels != 3)))  # classes a-c perfect
+    d_ok = decide(GateConfig(), val_labels=labels, baseline_preds=base, candidate_preds=cand, classes=CLASSES)
+    assert d_ok.accepted
+    right_d = np.flatnonzero((cand == labels) & (labels == 3))
+    cand[right_d[:20]] = 0  # class d loses 20 of its 100 hits: recall −0.20
+    d = decide(GateConfig(tolerance=0.05), val_labels=labels, baseline_preds=base, candidate_preds=cand,
+               classes=CLASSES)
+    assert d.delta["ci"][0] > 0, "the overall gain is still confident"
+    assert not d.accepted and d.reason_code == "class_regression" and d.regressions == ["d"]
+    assert d.per_class["d"]["delta"] == pytest.approx(-0.20)
+    assert "tolerance" in d.reason
+    loose = decide(GateConfig(tolerance=0.25), val_labels=labels, baseline_preds=base, candidate_preds=cand,
+                   classes=CLASSES)
+    assert loose.accepted
+
+
+def test_several_seeds_decide_on_the_paired_mean(val):
+    labels, base, _ = val
+    errors = np.flatnonzero(base != labels)
+    better = fix_errors(labels, base, errors[:40])
+    base3 = np.stack([base, base, base])
+    one_seed_better = np.stack([better, base, base])
+    d = decide(GateConfig(seeds=3), val_labels=labels, baseline_preds=base3, candidate_preds=one_seed_better,
+               classes=CLASSES, model_seeds=[7, 8, 9])
+    single = decide(GateConfig(), val_labels=labels, baseline_preds=base, candidate_preds=better, classes=CLASSES)
+    assert d.delta["value"] == pytest.approx(single.delta["value"] / 3)
+    assert d.seeds == [7, 8, 9]
+    assert d.delta["ci"][1] - d.delta["ci"][0] < single.delta["ci"][1] - single.delta["ci"][0]
+    with pytest.raises(DataError, match="same seeds"):
+        decide(GateConfig(), val_labels=labels, baseline_preds=base3, candidate_preds=better, classes=CLASSES)
+
+
+def test_weak_class_recall_metric(val):
+    labels, base, _ = val
+    cand = fix_errors(labels, base, np.flatnonzero((base != labels) & (labels == 2)))
+    cfg = GateConfig(metric="weak_class_recall")
+    with pytest.raises(InputError, match="weak"):
+        decide(cfg, val_labels=labels, baseline_preds=base, candidate_preds=cand, classes=CLASSES)
+    d = decide(cfg, val_labels=labels, baseline_preds=base, candidate_preds=cand, classes=CLASSES, weak_classes=[2])
+    assert d.accepted and d.after["value"] == pytest.approx(1.0)
+    assert d.before["value"] == pytest.approx(np.mean(base[labels == 2] == 2))
+
+
+def test_gate_off_accepts_but_records_what_it_would_have_decided(val, tmp_path):
+    labels, base, _ = val
+    d = decide(GateConfig(enabled=False), val_labels=labels, baseline_preds=base, candidate_preds=base.copy(),
+               classes=CLASSES)
+    assert d.accepted and not d.gate_enabled and d.would_accept is False and d.reason_code == "gate_off"
+    assert "gate off" in d.reason
+    d.save(tmp_path)
+    back = GateDecision.load(tmp_path)
+    assert back == d
+    assert back.summary()["decision"] == "accepted" and back.summary()["gate_enabled"] is False
+
+
+def test_decision_round_trips_and_names_its_settings(val, tmp_path):
+    labels, base, _ = val
+    cfg = dataclasses.replace(GateConfig(), n_bootstrap=500, confidence=0.9)
+    d = decide(cfg, val_labels=labels, baseline_preds=base, candidate_preds=base.copy(), classes=CLASSES, seed=3)
+    d.save(tmp_path)
+    back = GateDecision.load(tmp_path)
+    assert back == d
+    assert back.bootstrap["n_bootstrap"] == 500 and back.bootstrap["confidence"] == 0.9 and back.bootstrap["seed"] == 3
+    assert set(back.per_class) == set(CLASSES) and back.n_val == labels.size
+
+
+def test_bad_predictions_are_named(val):
+    labels, base, _ = val
+    with pytest.raises(DataError, match="candidate_preds"):
+        decide(GateConfig(), val_labels=labels, baseline_preds=base, candidate_preds=base[:-1], classes=CLASSES)
+    with pytest.raises(DataError, match="integer"):
+        decide(GateConfig(), val_labels=labels, baseline_preds=base, candidate_preds=base.astype(float),
+               classes=CLASSES)
+    with pytest.raises(DataError, match="0..3"):
+        decide(GateConfig(), val_labels=labels, baseline_preds=base, candidate_preds=base + 1, classes=CLASSES)

@@ -1,0 +1,179 @@
+"""The gate: synthetic images join training only if a model trained with them is better on real `val`.
+
+`run_gate` trains `gate.seeds` candidate models with the recipe, step budget and seeds of the
+baseline (seed + k for the k-th, as the baseline side) on real train + the accepted pool + this
+round's filtered candidates, predicts `val`, and calls `decide`.
+
+`decide` compares the two sides on the same `val` images with a paired bootstrap (both sides'
+metric on each resample of images; with several seeds per side, the mean over seeds on each
+resample). It accepts only if
+
+1. the lower end of the interval of the improvement `metric(candidate) - metric(baseline)` is
+   above `gate.min_delta`, and
+2. no class's recall (mean over seeds) drops by more than `gate.tolerance`.
+
+A bootstrap over images does not see training noise: two models from different seeds differ even
+on the same data. Both sides therefore train from the same seeds, and `gate.seeds > 1` averages
+several trainings a side; `benchmarks/gate_copies.py` measures how often the gate calls a pool of
+exact copies of real training images a gain.
+
+With `gate.enabled: false` (ablations only) every pool is accepted, and the decision records that
+the gate was off and what it would have decided.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vision_si.config import GateConfig
+from vision_si.errors import DataError, InputError
+from vision_si.metrics import bootstrap_interval, classification_metrics, paired_bootstrap
+
+BOOTSTRAP_METHOD = "paired percentile bootstrap over val images; metric averaged over seeds on each resample"
+
+
+@dataclass
+class GateDecision:
+    accepted: bool
+    reason: str
+    reason_code: str  # gain | no_confident_gain | class_regression | no_candidates | gate_off
+    metric: str
+    before: dict[str, Any]  # {"value": x, "ci": [lo, hi]} (baseline)
+    after: dict[str, Any]  # same, candidate
+    delta: dict[str, Any]  # {"value": x, "ci": [lo, hi], "p_not_better": p}
+    min_delta: float
+    tolerance: float
+    per_class: dict[str, dict[str, float | int | None]]  # class → before, after, delta (recall), support
+    regressions: list[str]  # classes whose recall dropped by more than `tolerance`
+    bootstrap: dict[str, Any]
+    seeds: list[int]
+    n_val: int
+    gate_enabled: bool = True
+    would_accept: bool | None = None  # the decision of the gate itself (differs from `accepted` when off)
+    weak_classes: list[int] | None = None
+    training: dict[str, Any] = field(default_factory=dict)  # what run_gate trained, counts and seconds
+
+    @property
+    def decision(self) -> str:
+        if self.reason_code == "no_candidates":
+            return "skipped"
+        return "accepted" if self.accepted else "rejected"
+
+    def summary(self) -> dict[str, Any]:
+        """The gate's entry in summary.json."""
+        return {"decision": self.decision, "reason": self.reason, "metric": self.metric, "before": self.before,
+                "after": self.after, "delta": self.delta, "gate_enabled": self.gate_enabled}
+
+    def save(self, out_dir: str | Path) -> None:
+        from vision_si.rundir import atomic_write_json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "decision.json", {"decision": self.decision, **dataclasses.asdict(self)})
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> GateDecision:
+        from vision_si.rundir import read_json
+
+        data = read_json(Path(out_dir) / "decision.json")
+        data.pop("decision", None)
+        return cls(**data)
+
+
+def _as_rows(name: str, preds: Any, n: int, k: int) -> np.ndarray:
+    p = np.asarray(preds)
+    if p.ndim == 1:
+        p = p[None, :]
+    if p.ndim != 2 or p.shape[1] != n:
+        raise DataError(f"{name}: expected {n} predicted class indices (or seeds × {n}), got shape {p.shape}")
+    if not np.issubdtype(p.dtype, np.integer):
+        raise DataError(f"{name}: expected integer class indices, got {p.dtype} (pass probs.argmax(1))")
+    if p.size and (p.min() < 0 or p.max() >= k):
+        raise DataError(f"{name}: class indices must be in 0..{k - 1}, got {p.min()}..{p.max()}")
+    return p.astype(np.int64)
+
+
+def _mean_recall(labels: np.ndarray, rows: np.ndarray, classes: list[str]) -> np.ndarray:
+    return np.mean([[m["recall"] for m in classification_metrics(labels, p, classes)["per_class"].values()]
+                    for p in rows], axis=0)
+
+
+def decide(cfg: GateConfig, *, val_labels: np.ndarray, baseline_preds: np.ndarray, candidate_preds: np.ndarray,
+           classes: Sequence[str], weak_classes: Sequence[int] | None = None, seed: int = 0,
+           model_seeds: Sequence[int] | None = None) -> GateDecision:
+    """Paired comparison of baseline and candidate predictions on real `val` (N, or seeds × N, class indices)."""
+    classes = list(classes)
+    k = len(classes)
+    labels = np.asarray(val_labels, np.int64)
+    if labels.ndim != 1 or not labels.size:
+        raise DataError(f"val_labels: expected a non-empty 1-D array of class indices, got shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= k:
+        raise DataError(f"val_labels: class indices must be in 0..{k - 1}, got {labels.min()}..{labels.max()}")
+    base = _as_rows("baseline_preds", baseline_preds, labels.size, k)
+    cand = _as_rows("candidate_preds", candidate_preds, labels.size, k)
+    if base.shape[0] != cand.shape[0]:
+        raise DataError(f"baseline_preds has {base.shape[0]} seed(s), candidate_preds {cand.shape[0]}: the "
+                        "comparison is paired, both sides need the same seeds")
+    weak = sorted({int(c) for c in weak_classes}) if weak_classes else None
+    if cfg.metric == "weak_class_recall" and not weak:
+        raise InputError("gate.metric: 'weak_class_recall' needs weak classes (the diagnosis found none); "
+                         "use macro_f1 or balanced_accuracy")
+    if weak and (min(weak) < 0 or max(weak) >= k):
+        raise DataError(f"weak_classes: class indices must be in 0..{k - 1}, got {weak}")
+
+    boot = dict(n_bootstrap=cfg.n_bootstrap, confidence=cfg.confidence, seed=seed, weak_classes=weak)
+    pb = paired_bootstrap(labels, base, cand, k, cfg.metric, **boot)
+    ci_before = bootstrap_interval(labels, base, k, cfg.metric, **boot)
+    ci_after = bootstrap_interval(labels, cand, k, cfg.metric, **boot)
+
+    support = np.bincount(labels, minlength=k)
+    r_before, r_after = _mean_recall(labels, base, classes), _mean_recall(labels, cand, classes)
+    per_class: dict[str, dict[str, float | int | None]] = {}
+    regressions = []
+    for c, name in enumerate(classes):
+        if support[c] == 0:  # recall undefined: no val image of this class
+            per_class[name] = {"before": None, "after": None, "delta": None, "support": 0}
+            continue
+        d = float(r_after[c] - r_before[c])
+        per_class[name] = {"before": float(r_before[c]), "after": float(r_after[c]), "delta": d,
+                           "support": int(support[c])}
+        if d < -cfg.tolerance - 1e-12:
+            regressions.append(name)
+
+    gain = pb["lower"] > cfg.min_delta
+    interval = f"{cfg.metric} {pb['delta']:+.4f} [{pb['lower']:+.4f}, {pb['upper']:+.4f}]"
+    reasons = []
+    if not gain:
+        reasons.append(f"the lower bound of the {cfg.metric} improvement ({pb['lower']:+.4f}) is not above "
+                       f"min_delta {cfg.min_delta:g}: {interval}")
+    if regressions:
+        worst = min(regressions, key=lambda n: per_class[n]["delta"])
+        reasons.append(f"recall of {', '.join(repr(n) for n in regressions)} drops by more than tolerance "
+                       f"{cfg.tolerance:g} (worst {worst!r}: {per_class[worst]['delta']:+.4f})")
+    would_accept = gain and not regressions
+    if would_accept:
+        code = "gain"
+        reason = f"{interval} > {cfg.min_delta:g} and no class's recall drops by more than {cfg.tolerance:g}"
+    else:
+        code = "no_confident_gain" if not gain else "class_regression"
+        reason = "; ".join(reasons)
+    if not cfg.enabled:
+        code = "gate_off"
+        reason = f"gate off (ablation): accepted without proof; the gate would have {'accepted' if would_accept else 'rejected'} ({reason})"
+
+    n_seeds = base.shape[0]
+    return GateDecision(
+        accepted=bool(would_accept or not cfg.enabled), reason=reason, reason_code=code, metric=cfg.metric,
+        before={"value": pb["a"], "ci": list(ci_before)}, after={"value": pb["b"], "ci": list(ci_after)},
+        delta={"value": pb["delta"], "ci": [pb["lower"], pb["upper"]], "p_not_better": pb["p_not_better"]},
+        min_delta=cfg.min_delta, tolerance=cfg.tolerance, per_class=per_class, regressions=regressions,
+        bootstrap={"n_bootstrap": cfg.n_bootstrap, "confidence": cfg.confidence, "seed": seed,
+                   "method": BOOTSTRAP_METHOD},
+        seeds=[int(s) for s in model_seeds] if model_seeds is not None else list(range(n_seeds)),
+        n_val=int(labels.size), gate_enabled=cfg.enabled, would_accept=bool(would_accept), weak_classes=weak)
