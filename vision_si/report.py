@@ -211,12 +211,13 @@ def section_confusion(run: RunView) -> str:
         cm = load_dict(d / "diagnosis.json").get("confusion")
         return confusion_table(cm, run.classes) if isinstance(cm, list) else na("confusion on val")
 
-    parts.append(diagnosis_pair(run, "confusion.png", "confusion on val", from_json))
+    parts.append(diagnosis_pair(run, "confusion.png", "confusion on val", from_json, stacked=True))
     return "".join(parts)
 
 
-def diagnosis_pair(run: RunView, filename: str, what: str, fallback: Any) -> str:
-    """The round-0 model's diagnosis plot beside the final model's; `fallback(dir)` when the PNG is missing."""
+def diagnosis_pair(run: RunView, filename: str, what: str, fallback: Any, stacked: bool = False) -> str:
+    """The round-0 model's diagnosis plot and the final model's (side by side, or one above the other
+    for wide plots); `fallback(dir)` when the PNG is missing."""
     first, last = before_after(run)
     if first is None:
         return na(f"{what} (no diagnosis)")
@@ -227,7 +228,8 @@ def diagnosis_pair(run: RunView, filename: str, what: str, fallback: Any) -> str
         return f"<h4>round {r:02d}</h4>{body}"
 
     right = one(last) if last != first else na("a later diagnosis (no round was accepted)")
-    return f"<h3>{esc(what.capitalize())}</h3>" + pair(one(first), right)
+    both = f'<div class="stack">{one(first)}{right}</div>' if stacked else pair(one(first), right)
+    return f"<h3>{esc(what.capitalize())}</h3>" + both
 
 
 def test_recall(pc: dict) -> dict[str, tuple[float, float, float]]:
