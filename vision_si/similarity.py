@@ -25,6 +25,7 @@ from sklearn.neighbors import NearestNeighbors
 from vision_si.errors import DataError
 
 _EPS = 1e-8
+_BLOCK = 1 << 24  # similarities computed per block (float32: 64 MB)
 _FLAT_STD = 1e-4  # intensity units ([0, 1] images): below this an image counts as flat
 
 
@@ -64,7 +65,7 @@ def pixel_vectors(images: np.ndarray, size: int = 16, *, gray: bool = False, chu
     return out
 
 
-def max_similarity(queries: np.ndarray, refs: np.ndarray, *, chunk: int = 2048,
+def max_similarity(queries: np.ndarray, refs: np.ndarray, *, chunk: int | None = None,
                    exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each unit-vector query, the largest dot product with any ref and that ref's index.
 
@@ -79,6 +80,8 @@ def max_similarity(queries: np.ndarray, refs: np.ndarray, *, chunk: int = 2048,
         return best, where
     if q.shape[1] != r.shape[1]:
         raise DataError(f"cannot compare vectors of {q.shape[1]} and {r.shape[1]} features")
+    if chunk is None:  # keep each block of similarities near 64 MB whatever the number of refs
+        chunk = max(1, min(4096, _BLOCK // r.shape[0]))
     for start in range(0, q.shape[0], chunk):
         sims = q[start:start + chunk] @ r.T
         if exclude is not None:
