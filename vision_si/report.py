@@ -130,8 +130,10 @@ class RunView:
                 out[key] = (v.get("value"), ci)
             elif v is not None:
                 out[key] = (v, src.get(f"{key}_ci"))
-        per_class = src.get("per_class_delta") or src.get("per_class_deltas") or src.get("per_class") or {}
+        per_class = src.get("per_class") or {}
         out["per_class"] = per_class if isinstance(per_class, dict) else {}
+        out["details"] = {k: src[k] for k in ("min_delta", "tolerance", "n_val", "seeds", "bootstrap", "regressions",
+                                               "gate_enabled", "would_accept") if k in src}
         return out
 
 
@@ -292,16 +294,27 @@ def section_rounds(run: RunView) -> str:
 def gate_card(r: int, g: dict) -> str:
     if not g:
         return f'<div class="card"><h4>Round {r:02d}</h4>{na("gate decision (gate/decision.json missing)")}</div>'
-    metric = g.get("metric") or "metric"
+    metric, d = g.get("metric") or "metric", g.get("details") or {}
     rows = [[f"{metric} {k}", with_ci(*g[k]) if k in g else "–"] for k in ("before", "after", "delta")]
     pc = g.get("per_class") or {}
-    pc_rows = [[c, delta(0, v.get("delta", v.get("recall_delta")) if isinstance(v, dict) else v)]
+    regressions = set(d.get("regressions") or [])
+    pc_rows = [[c, *[num(v.get(k)) for k in ("before", "after")], delta(v.get("before"), v.get("after")),
+                v.get("support", "–")] if isinstance(v, dict) else [c, "–", "–", delta(0, v), "–"]
                for c, v in pc.items()]
-    return (f'<div class="card"><h4>Round {r:02d} {decision_badge(g.get("decision"))}</h4>'
+    boot = d.get("bootstrap") if isinstance(d.get("bootstrap"), dict) else {}
+    rule = (f"Accept when the lower end of the Δ interval is above {num(d.get('min_delta'))} and no class's recall "
+            f"drops by more than {num(d.get('tolerance'))}. {d.get('n_val', '?')} val images, "
+            f"{len(d.get('seeds') or [0])} seed(s) a side, {boot.get('n_bootstrap', '?')} paired bootstrap resamples.")
+    off = ""
+    if d.get("gate_enabled") is False:
+        off = (f'<p class="badge warn">The gate was switched off (ablation): the round was accepted; the gate '
+               f'would have {"accepted" if d.get("would_accept") else "rejected"} it.</p>')
+    pc_table = (table(["class", "recall before", "after", "Δ", "support"], pc_rows, "num",
+                      ["weak" if c in regressions else "" for c in pc]) if pc_rows else na("per-class recall"))
+    return (f'<div class="card"><h4>Round {r:02d} {decision_badge(g.get("decision"))}</h4>{off}'
             f'<p>{esc(g.get("reason") or "no reason recorded")}</p><div class="pair">'
-            f'<div>{table(["", "value [95% CI]"], rows, "num")}</div>'
-            f'<div>{table(["class", "Δ recall"], pc_rows, "num") if pc_rows else na("per-class deltas")}</div>'
-            "</div></div>")
+            f'<div>{table(["val", "value [95% CI]"], rows, "num")}<p class="small">{esc(rule) if d else ""}</p></div>'
+            f"<div>{pc_table}</div></div></div>")
 
 
 SLICE_COLUMNS = ("slice_id", "class_name", "n_train", "n_val", "n_val_errors", "error_rate", "class_error_rate",

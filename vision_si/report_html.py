@@ -183,7 +183,7 @@ color:#166534}.badge.bad{background:#fee2e2;color:#991b1b}.badge.warn{background
 .pill.warn{background:#fef9c3;color:#854d0e}.up{color:#15803d}.down{color:#b91c1c}
 .pair{display:flex;flex-wrap:wrap;gap:24px}.pair>div{flex:1 1 420px;min-width:0;overflow-x:auto}
 .stack img.plot{max-width:100%}table.cm thead th{font-size:12px;max-width:110px;overflow-wrap:anywhere}
-.card{border:1px solid #e2e8f0;border-radius:8px;padding:8px 16px;margin:10px 0}
+.small{font-size:13px;color:#475569}.card{border:1px solid #e2e8f0;border-radius:8px;padding:8px 16px;margin:10px 0}
 img{max-width:100%}img.plot{width:100%;max-width:560px;height:auto}.gallery{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0;width:104px;text-align:center}figure img{width:96px;height:96px;object-fit:contain;
 image-rendering:pixelated;background:#0f172a;border-radius:4px}.gallery.wide figure{width:168px}
