@@ -1,14 +1,19 @@
 """The generator plug-in surface: requests, manifest rows, the `Generator` protocol and its registry.
 
 A backend registers itself with `@register_generator("name")`; `create_generator(name, **cfg)`
-builds one. Images travel as float32 arrays C×H×W in [0, 1] (grayscale stays one channel).
+builds one from a preset's keys (every key but `backend`, see `presets.generator_kwargs`); a key the
+backend does not take is refused with the list of keys it does take. Images travel as float32
+arrays N×C×H×W in [0, 1] (grayscale stays one channel).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
+import pkgutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -61,9 +66,20 @@ class ManifestRow:
     steps: int
     guidance: float | None
     seconds: float
+    backend: str = "ddpm"
+    classifier_scale: float | None = None  # guided mode only
+    batch_id: str | None = None  # first id of the chunk the image was computed in (see generators.runner)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ManifestRow:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"manifest row has unknown keys {sorted(unknown)}")
+        return cls(**data)
 
 
 def image_seed(run_seed: int, image_id: str) -> int:
@@ -74,20 +90,57 @@ def image_seed(run_seed: int, image_id: str) -> int:
 
 @runtime_checkable
 class Generator(Protocol):
-    """What every backend offers. `fit` may be a no-op for pretrained backends."""
+    """What every backend offers. `fit` may only load weights for pretrained backends.
+
+    - `fit(images N×C×H×W, labels, classes, seed=..., cache_dir=..., progress=...)` returns self.
+    - `generate_batch` makes one image per entry of `class_indices`, image k drawn from its own
+      `torch.Generator` seeded with `seeds[k]` (so it does not depend on its batch neighbours), and
+      returns N×C×H×W float32 in [0, 1] at the training images' size and channel count. `exemplars`
+      (N×C×H×W, exemplar mode) are noised to `strength` and denoised; `classifier_fn` (N×C×H×W in
+      [0, 1] → logits, differentiable) steers the guided mode with weight `classifier_scale`;
+      `steps` and `guidance_scale` default to the backend's preset.
+    - `steps`, `guidance_scale`: the preset's defaults, recorded in the manifest.
+    - `checkpoint_sha256`: identifies the weights, recorded in the manifest.
+    """
 
     def fit(self, images: np.ndarray, labels: np.ndarray, classes: list[str], *, seed: int,
             cache_dir: Path | None = None, progress: bool = True) -> Generator: ...
 
     def generate_batch(self, class_indices: np.ndarray, seeds: list[int], *, mode: str,
                        exemplars: np.ndarray | None = None, strength: float = 0.5,
-                       classifier: Any = None) -> np.ndarray: ...
+                       classifier_fn: Callable[..., Any] | None = None, classifier_scale: float = 0.0,
+                       steps: int | None = None, guidance_scale: float | None = None) -> np.ndarray: ...
+
+    @property
+    def steps(self) -> int: ...
+
+    @property
+    def guidance_scale(self) -> float | None: ...
 
     @property
     def checkpoint_sha256(self) -> str: ...
 
 
 _REGISTRY: dict[str, Callable[..., Generator]] = {}
+_NOT_BACKENDS = {"base", "pipeline", "presets", "runner"}
+_UNAVAILABLE: dict[str, str] = {}  # backend module → why it could not be imported (a missing extra)
+
+
+def _import_backends() -> None:
+    """Import every backend module of this package once, so their decorators fill the registry.
+
+    A module whose optional dependency is missing (an extra not installed) is noted, not fatal.
+    """
+    package = importlib.import_module("vision_si.generators")
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name in _NOT_BACKENDS or info.name.startswith("_") or info.name in _UNAVAILABLE:
+            continue
+        try:
+            importlib.import_module(f"vision_si.generators.{info.name}")
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").startswith("vision_si"):
+                raise
+            _UNAVAILABLE[info.name] = f"needs {exc.name}"
 
 
 def register_generator(name: str) -> Callable[[Callable[..., Generator]], Callable[..., Generator]]:
@@ -101,10 +154,20 @@ def register_generator(name: str) -> Callable[[Callable[..., Generator]], Callab
 
 
 def list_generators() -> list[str]:
+    _import_backends()
     return sorted(_REGISTRY)
 
 
-def create_generator(name: str, **cfg: Any) -> Generator:
+def create_generator(name: str, /, **cfg: Any) -> Generator:
+    """Build the backend `name` from preset keys; unknown names and keys raise `ConfigError`."""
+    _import_backends()
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown generator {name!r}; known: {', '.join(list_generators()) or 'none'}")
-    return _REGISTRY[name](**cfg)
+        missing = "".join(f"; {m} unavailable ({why})" for m, why in sorted(_UNAVAILABLE.items()))
+        raise ConfigError(f"unknown generator {name!r}; known: {', '.join(list_generators()) or 'none'}{missing}")
+    factory = _REGISTRY[name]
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(cfg) - set(params))
+        if unknown:
+            raise ConfigError(f"generator {name!r} does not take {unknown}; allowed keys: {', '.join(params)}")
+    return factory(**cfg)

@@ -1,0 +1,167 @@
+"""The generation runner: files, manifest, regeneration, resume and plan files (tiny preset, 16 px)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vision_si.config import GenerateConfig
+from vision_si.errors import ConfigError, DataError
+from vision_si.generators import GenerationRequest
+from vision_si.generators.runner import (
+    fit_generator,
+    generate_from_plan,
+    load_plan,
+    read_manifest,
+    regenerate,
+    run_generation,
+)
+
+CLASSES = ["dark", "bright"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    labels = (np.arange(20) % 2).astype(np.int64)
+    images = np.clip(np.where(labels == 1, 0.8, 0.2)[:, None, None, None]
+                     + 0.1 * rng.standard_normal((20, 1, 16, 16)), 0, 1).astype(np.float32)
+    ids = [f"real:{k:03d}" for k in range(20)]
+    return images, labels, ids
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("gen-cache")
+
+
+def requests() -> list[GenerationRequest]:
+    return [GenerationRequest(0, "dark", "dark/s0", 3, mode="class"),
+            GenerationRequest(1, "bright", "bright/s1", 4, exemplar_ids=["real:001", "real:003"], strength=0.6)]
+
+
+def run(data, cache, out, **kw):
+    images, labels, ids = data
+    cfg = GenerateConfig(preset="tiny", cache_dir=str(cache), batch_size=kw.pop("batch_size", 3))
+    return run_generation(cfg, kw.pop("reqs", None) or requests(), train_images=images, train_labels=labels,
+                          train_ids=ids, classes=CLASSES, out_dir=out, seed=7, id_prefix="syn-r01", progress=False,
+                          **kw)
+
+
+def test_run_writes_images_and_one_manifest_row_each(data, cache, tmp_path):
+    res = run(data, cache, tmp_path)
+    assert [r.id for r in res.rows] == [f"syn-r01-{k:06d}" for k in range(7)]
+    assert [r.class_index for r in res.rows] == [0, 0, 0, 1, 1, 1, 1]
+    assert [r.exemplar_ids for r in res.rows[3:]] == [["real:001"], ["real:003"], ["real:001"], ["real:003"]]
+    assert [r.batch_id for r in res.rows] == ["syn-r01-000000"] * 3 + ["syn-r01-000003"] * 3 + ["syn-r01-000006"]
+    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [r.id for r in res.rows]
+    for row in res.rows:
+        path = tmp_path / row.path
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == row.sha256
+        with Image.open(path) as im:
+            assert im.mode == "L" and im.size == (16, 16)
+        assert row.generator_sha256 == res.generator_sha256 and row.preset == "tiny" and row.steps == 2
+    assert res.rows[0].strength is None and res.rows[3].strength == 0.6
+    assert res.n_generated == 7 and res.n_reused == 0
+
+
+def test_manifest_rows_regenerate_their_images(data, cache, tmp_path):
+    res = run(data, cache, tmp_path)
+    images, labels, ids = data
+    gen, _ = fit_generator(GenerateConfig(preset="tiny", cache_dir=str(cache)), train_images=images,
+                           train_labels=labels, classes=CLASSES, seed=7, progress=False)
+    assert gen.cache_hit_
+    exemplars = {i: images[ids.index(i)] for i in ("real:001", "real:003")}
+    rows = read_manifest(res.manifest_path)
+    for row in rows:
+        again = regenerate(row, gen, rows=rows, exemplars=exemplars)
+        with Image.open(tmp_path / row.path) as im:
+            on_disk = np.asarray(im, dtype=np.float32)[None] / 255
+        np.testing.assert_array_equal(again, on_disk)
+    with pytest.raises(DataError, match="needs exemplar"):
+        regenerate(rows[3], gen, rows=rows)
+
+
+def test_resume_skips_finished_ids_and_repairs_missing_or_corrupt_files(data, cache, tmp_path):
+    first = run(data, cache, tmp_path)
+    original = {r.id: (tmp_path / r.path).read_bytes() for r in first.rows}
+    (tmp_path / first.rows[1].path).unlink()  # lost
+    (tmp_path / first.rows[4].path).write_bytes(b"not a png")  # corrupt
+    manifest = tmp_path / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # killed while appending the last row
+    before = {r.id: (tmp_path / r.path).stat().st_mtime_ns for r in first.rows if (tmp_path / r.path).exists()}
+    second = run(data, cache, tmp_path)
+    assert second.n_reused == 4 and second.n_generated == 3
+    ids = [json.loads(line)["id"] for line in manifest.read_text().splitlines()]
+    assert ids == [r.id for r in first.rows]  # every id once, in order
+    for r in second.rows:
+        assert (tmp_path / r.path).read_bytes() == original[r.id]  # repaired to the very same bytes
+    untouched = [first.rows[0].id]  # valid: its chunk was recomputed for row 1, but its file was left alone
+    assert all((tmp_path / f"images/{i}.png").stat().st_mtime_ns == before[i] for i in untouched)
+    third = run(data, cache, tmp_path)
+    assert third.n_generated == 0 and third.n_reused == 7
+
+
+def test_changed_parameters_are_regenerated_not_reused(data, cache, tmp_path):
+    run(data, cache, tmp_path)
+    reqs = requests()
+    reqs[1].strength = 0.3
+    res = run(data, cache, tmp_path, reqs=reqs)
+    assert res.n_reused == 3 and res.n_generated == 4
+    assert all(r.strength == 0.3 for r in res.rows[3:])
+
+
+def test_bad_requests_fail_before_any_training(data, cache, tmp_path):
+    bad = [GenerationRequest(1, "bright", "s", 2, exemplar_ids=["real:999"])]
+    with pytest.raises(DataError, match=r"real:999.*training split"):
+        run(data, cache, tmp_path, reqs=bad)
+    with pytest.raises(ConfigError, match="guided.*classifier"):
+        run(data, cache, tmp_path, reqs=[GenerationRequest(0, "dark", "s", 2, mode="guided")])
+
+
+def test_guided_requests_use_the_classifier(data, cache, tmp_path):
+    import torch
+
+    def toy(x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([-m, m], dim=1)
+
+    res = run(data, cache, tmp_path, reqs=[GenerationRequest(1, "bright", "s", 2, mode="guided")], classifier_fn=toy)
+    assert [r.mode for r in res.rows] == ["guided", "guided"] and res.rows[0].classifier_scale == 1.0
+
+
+def test_plan_file_runs_as_a_resumable_batch_job(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"""
+seed: 3
+data: {{source: digits, image_size: 16, cache_dir: ''}}
+generate: {{preset: tiny, cache_dir: {tmp_path / 'cache'}, batch_size: 4}}
+id_prefix: syn-plan
+requests:
+  - {{class: "3", count: 3, mode: class}}
+  - {{class: 7, count: 2, mode: class, slice_id: sevens}}
+""")
+    res = generate_from_plan(plan, tmp_path / "out", progress=False)
+    assert [r.class_name for r in res.rows] == ["3", "3", "3", "7", "7"]
+    assert res.rows[3].slice == "sevens" and all((tmp_path / "out" / r.path).is_file() for r in res.rows)
+    again = generate_from_plan(plan, tmp_path / "out", progress=False)
+    assert again.n_generated == 0 and again.cache_hit
+
+
+def test_plan_errors_name_the_request_and_key(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("requests:\n  - {class: a, count: 2, colour: red}\n")
+    with pytest.raises(ConfigError, match=r"requests\[0\] has unknown key\(s\) \['colour'\]"):
+        load_plan(plan)
+    plan.write_text("generate: {preset: tiny, batchsize: 3}\nrequests:\n  - {class: a, count: 2}\n")
+    with pytest.raises(ConfigError, match="batchsize"):
+        load_plan(plan)
+    plan.write_text("requests:\n  - {class: a, count: 2, mode: exemplar}\n")
+    with pytest.raises(ConfigError, match=r"requests\[0\].*no exemplar_ids"):
+        load_plan(plan)

@@ -1,0 +1,482 @@
+"""The default backend `ddpm`: a class-conditional diffusion model trained on the user's own training split.
+
+A diffusers `UNet2DModel` with `num_class_embeds = n_classes + 1` (the last index is the null class:
+labels are dropped to it with probability `cfg_dropout` during training, which enables
+classifier-free guidance), trained on real training images only, at the preset's resolution, in
+[-1, 1], with the data's channel count (grayscale stays 1). EMA weights (diffusers `EMAModel`, with
+warm-up so short CPU runs are not dominated by the first steps) are what gets sampled.
+
+Caching and crash safety. With a `cache_dir`, the trained generator is stored under
+`cache_dir/<key>/` (a `ClassConditionalPipeline.save_pretrained` folder plus `meta.json`), where
+`key` = sha256 of the training pixels and labels, the class names, the training part of the preset
+(resolution, channels, unet, train) and the seed; sampling settings are not part of the key, so a
+new sampler or step count reuses the model. While training, a checkpoint is written every
+`checkpoint_every` steps to `cache_dir/<key>.partial/checkpoint/` (UNet via `save_pretrained`, EMA
+and AdamW state as safetensors + JSON, the data-order RNG state; no pickle), and a restarted fit
+continues from it to the same weights. A `<key>.lock` file keeps two processes from training the
+same model at once: the second waits and then loads the first one's result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from vision_si.errors import ConfigError, DataError
+from vision_si.generators.base import MODES, register_generator
+from vision_si.generators.pipeline import SAMPLERS, ClassConditionalPipeline, make_scheduler
+
+UNET_DEFAULTS: dict[str, Any] = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention": False,
+                                 "norm_num_groups": 16}
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "steps": 600, "batch_size": 32, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "grad_clip": 1.0,
+    "ema_decay": 0.999, "cfg_dropout": 0.1, "class_balance": 0.5, "augment": {"hflip": False, "vflip": False},
+    "checkpoint_every": 200, "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+}
+SAMPLE_DEFAULTS: dict[str, Any] = {"sampler": "dpmsolver++", "steps": 15, "guidance_scale": 2.0}
+CACHE_VERSION = "vision_si-ddpm-1"
+
+
+def _merge(section: str, given: Any, defaults: dict[str, Any], preset: str) -> dict[str, Any]:
+    given = {} if given is None else given
+    if not isinstance(given, dict):
+        raise ConfigError(f"generator preset {preset!r}: '{section}' must be a mapping, got {given!r}")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"generator preset {preset!r}: unknown key(s) {unknown} in '{section}'; "
+                          f"allowed: {', '.join(defaults)}")
+    return {**defaults, **given}
+
+
+def _check(ok: bool, preset: str, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"generator preset {preset!r}: {key}={value!r} is out of range ({allowed})")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's weights serialised with safetensors (deterministic for equal tensors)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return hashlib.sha256(safetensors.torch.save(state)).hexdigest()
+
+
+def build_unet(n_classes: int, channels: int, resolution: int, unet: dict[str, Any]) -> UNet2DModel:
+    """A class-conditional `UNet2DModel`; `attention` puts self-attention in the lowest-resolution level."""
+    widths = [int(w) for w in unet["block_out_channels"]]
+    last = len(widths) - 1
+    down = tuple("AttnDownBlock2D" if unet["attention"] and i == last else "DownBlock2D" for i in range(len(widths)))
+    up = tuple("AttnUpBlock2D" if unet["attention"] and i == 0 else "UpBlock2D" for i in range(len(widths)))
+    return UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels,
+                       block_out_channels=tuple(widths), layers_per_block=int(unet["layers_per_block"]),
+                       down_block_types=down, up_block_types=up, norm_num_groups=int(unet["norm_num_groups"]),
+                       num_class_embeds=n_classes + 1, attention_head_dim=8)
+
+
+@register_generator("ddpm")
+class DDPMGenerator:
+    """Class-conditional DDPM trained on the training split (sklearn shape: `fit` returns self).
+
+    Parameters are the preset's keys: `resolution`, `channels` ('auto', 1 or 3), `unet`, `train` and
+    `sample` sections (defaults in `UNET_DEFAULTS`, `TRAIN_DEFAULTS`, `SAMPLE_DEFAULTS`), `device`.
+    """
+
+    def __init__(self, name: str = "custom", resolution: int = 32, channels: str | int = "auto",
+                 unet: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
+                 sample: dict[str, Any] | None = None, device: str = "auto") -> None:
+        self.name = name
+        self.resolution = resolution
+        self.channels = channels
+        self.unet = unet
+        self.train = train
+        self.sample = sample
+        self.device = device
+
+    # ------------------------------------------------------------------ settings
+    def settings(self) -> dict[str, Any]:
+        """The preset with defaults filled in, checked; raises `ConfigError` naming the bad key."""
+        p = self.name
+        unet = _merge("unet", self.unet, UNET_DEFAULTS, p)
+        train = _merge("train", self.train, TRAIN_DEFAULTS, p)
+        sample = _merge("sample", self.sample, SAMPLE_DEFAULTS, p)
+        train["augment"] = _merge("train.augment", train["augment"], TRAIN_DEFAULTS["augment"], p)
+        _check(isinstance(self.resolution, int) and 8 <= self.resolution <= 1024 and self.resolution % 8 == 0, p,
+               "resolution", self.resolution, "a multiple of 8 from 8 to 1024")
+        _check(self.channels in ("auto", 1, 3), p, "channels", self.channels, "auto, 1 or 3")
+        widths = unet["block_out_channels"]
+        _check(isinstance(widths, list) and 1 <= len(widths) <= 5 and all(isinstance(w, int) and w > 0 for w in widths),
+               p, "unet.block_out_channels", widths, "a list of 1 to 5 positive integers")
+        _check(all(w % int(unet["norm_num_groups"]) == 0 for w in widths), p, "unet.norm_num_groups",
+               unet["norm_num_groups"], "must divide every block_out_channels entry")
+        _check(self.resolution % 2 ** (len(widths) - 1) == 0, p, "resolution", self.resolution,
+               f"divisible by {2 ** (len(widths) - 1)} for {len(widths)} UNet levels")
+        _check(int(unet["layers_per_block"]) >= 1, p, "unet.layers_per_block", unet["layers_per_block"], ">= 1")
+        _check(int(train["steps"]) >= 1, p, "train.steps", train["steps"], ">= 1")
+        _check(int(train["batch_size"]) >= 1, p, "train.batch_size", train["batch_size"], ">= 1")
+        _check(0 < float(train["lr"]) <= 1, p, "train.lr", train["lr"], "0 < x <= 1")
+        _check(0 < float(train["ema_decay"]) < 1, p, "train.ema_decay", train["ema_decay"], "0 < x < 1")
+        _check(0 <= float(train["cfg_dropout"]) < 1, p, "train.cfg_dropout", train["cfg_dropout"], "0 <= x < 1")
+        _check(0 <= float(train["class_balance"]) <= 1, p, "train.class_balance", train["class_balance"], "0 to 1")
+        _check(int(train["checkpoint_every"]) >= 1, p, "train.checkpoint_every", train["checkpoint_every"], ">= 1")
+        _check(sample["sampler"] in SAMPLERS, p, "sample.sampler", sample["sampler"], ", ".join(SAMPLERS))
+        _check(isinstance(sample["steps"], int) and sample["steps"] >= 1, p, "sample.steps", sample["steps"], ">= 1")
+        _check(float(sample["guidance_scale"]) >= 0, p, "sample.guidance_scale", sample["guidance_scale"], ">= 0")
+        return {"resolution": self.resolution, "channels": self.channels, "unet": unet, "train": train,
+                "sample": sample}
+
+    @property
+    def steps(self) -> int:
+        return int(self.settings()["sample"]["steps"])
+
+    @property
+    def guidance_scale(self) -> float:
+        return float(self.settings()["sample"]["guidance_scale"])
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        self._check_fitted()
+        return self.checkpoint_sha256_
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "pipeline_"):
+            raise RuntimeError("this DDPMGenerator is not fitted yet; call fit(images, labels, classes, seed=...)")
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, images: np.ndarray, labels: np.ndarray, classes: list[str], *, seed: int,
+            cache_dir: str | Path | None = None, progress: bool = True,
+            on_step: Callable[[int], None] | None = None) -> DDPMGenerator:
+        """Train on `images` (N×C×H×W in [0, 1]) and `labels`, or load the cached model for the same inputs."""
+        settings = self.settings()
+        images, labels = _check_training_data(images, labels, classes)
+        self.classes_ = list(classes)
+        self.data_channels_, self.data_size_ = int(images.shape[1]), int(images.shape[2])
+        self.model_channels_ = self.data_channels_ if settings["channels"] == "auto" else int(settings["channels"])
+        self.cache_key_ = cache_key(images, labels, classes, settings, seed)
+        self.cache_hit_, self.trained_steps_ = False, 0
+        if cache_dir is None:
+            self._train(images, labels, seed, None, progress, on_step)
+            return self
+        cache_dir = Path(cache_dir)
+        final = cache_dir / self.cache_key_
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with _training_lock(cache_dir / f"{self.cache_key_}.lock", final / "meta.json"):
+            if (final / "meta.json").is_file():
+                self._load_folder(final)
+                self.cache_hit_ = True
+                return self
+            partial = cache_dir / f"{self.cache_key_}.partial"
+            self._train(images, labels, seed, partial, progress, on_step)
+            tmp = cache_dir / f"{self.cache_key_}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.pipeline_.save_pretrained(tmp / "pipeline")
+            meta = {"cache_key": self.cache_key_, "checkpoint_sha256": self.checkpoint_sha256_,
+                    "classes": self.classes_, "data_channels": self.data_channels_, "data_size": self.data_size_,
+                    "model_channels": self.model_channels_, "preset": {"name": self.name, **settings},
+                    "seed": seed, "train_seconds": self.train_seconds_, "loss_history": self.loss_history_}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+            os.replace(tmp, final)
+            shutil.rmtree(partial, ignore_errors=True)
+        self.folder_ = final
+        return self
+
+    def _train(self, images: np.ndarray, labels: np.ndarray, seed: int, workdir: Path | None, progress: bool,
+               on_step: Callable[[int], None] | None) -> None:
+        s = self.settings()
+        device = _device(self.device)
+        x = self._to_model(torch.from_numpy(images)) * 2 - 1
+        with torch.random.fork_rng(devices=[]):  # weight init seeded without touching the caller's global RNG
+            torch.manual_seed(seed)
+            unet = build_unet(len(self.classes_), self.model_channels_, s["resolution"], s["unet"]).to(device)
+        t0 = time.perf_counter()
+        ema_unet, losses, trained = train_unet(unet, x, torch.from_numpy(labels), len(self.classes_), s["train"],
+                                               seed=seed, device=device, workdir=workdir, progress=progress,
+                                               on_step=on_step)
+        self.train_seconds_ = time.perf_counter() - t0
+        self.loss_history_, self.trained_steps_ = losses, trained
+        train_sched = DDPMScheduler(num_train_timesteps=int(s["train"]["num_train_timesteps"]),
+                                    beta_schedule=s["train"]["beta_schedule"])
+        self._set_pipeline(ClassConditionalPipeline(ema_unet, make_scheduler(s["sample"]["sampler"], train_sched.config)))
+
+    def _set_pipeline(self, pipe: ClassConditionalPipeline) -> None:
+        pipe.set_sampler(self.settings()["sample"]["sampler"])
+        pipe.to(_device(self.device))
+        pipe.unet.eval()
+        if pipe.device.type == "cuda":
+            pipe.unet.to(memory_format=torch.channels_last)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipeline_ = pipe
+        self.checkpoint_sha256_ = weights_sha256(pipe.unet)
+
+    def _load_folder(self, folder: Path) -> None:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        self.classes_ = meta["classes"]
+        self.data_channels_, self.data_size_ = meta["data_channels"], meta["data_size"]
+        self.model_channels_ = meta["model_channels"]
+        self.loss_history_, self.train_seconds_ = meta["loss_history"], meta["train_seconds"]
+        self._set_pipeline(ClassConditionalPipeline.from_pretrained(folder / "pipeline"))
+        self.folder_ = folder
+
+    @classmethod
+    def load(cls, folder: str | Path, **overrides: Any) -> DDPMGenerator:
+        """A fitted generator from a cache folder; `overrides` (e.g. `sample`) replace the stored preset's keys."""
+        folder = Path(folder)
+        if not (folder / "meta.json").is_file():
+            raise DataError(f"'{folder}' is not a trained ddpm generator folder (no meta.json)")
+        preset = json.loads((folder / "meta.json").read_text(encoding="utf-8"))["preset"]
+        gen = cls(**{**preset, **overrides})
+        gen._load_folder(folder)
+        gen.cache_key_, gen.cache_hit_, gen.trained_steps_ = folder.name, True, 0
+        return gen
+
+    # ------------------------------------------------------------------ sample
+    def generate_batch(self, class_indices: np.ndarray, seeds: list[int], *, mode: str,
+                       exemplars: np.ndarray | None = None, strength: float = 0.5,
+                       classifier_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       classifier_scale: float = 0.0, steps: int | None = None,
+                       guidance_scale: float | None = None) -> np.ndarray:
+        """One image per class index, image k from `torch.Generator().manual_seed(seeds[k])`; N×C×H×W in [0, 1]."""
+        self._check_fitted()
+        labels = np.asarray(class_indices, dtype=np.int64).reshape(-1)
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {list(MODES)}")
+        if len(seeds) != len(labels):
+            raise ValueError(f"got {len(seeds)} seeds for {len(labels)} class indices; pass one per image")
+        kwargs: dict[str, Any] = {}
+        if mode == "exemplar":
+            want = (len(labels), self.data_channels_, self.data_size_, self.data_size_)
+            if exemplars is None or tuple(exemplars.shape) != want:
+                got = None if exemplars is None else tuple(exemplars.shape)
+                raise ValueError(f"exemplar mode needs exemplars of shape {want}, got {got}")
+            kwargs.update(init_images=self._to_model(torch.as_tensor(exemplars, dtype=torch.float32)),
+                          strength=float(strength))
+        if mode == "guided":
+            if classifier_fn is None:
+                raise ValueError("guided mode needs a classifier_fn (images N×C×H×W in [0, 1] → logits)")
+            kwargs.update(classifier_fn=lambda x: classifier_fn(self._to_data(x)),
+                          classifier_scale=float(classifier_scale))
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        out = self.pipeline_(labels, generator=generators, num_inference_steps=int(steps or self.steps),
+                             guidance_scale=float(self.guidance_scale if guidance_scale is None else guidance_scale),
+                             output_type="pt", **kwargs).images
+        return self._to_data(out).clamp(0, 1).cpu().numpy().astype(np.float32)
+
+    # ------------------------------------------------------------------ data ↔ model space
+    def _to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """Data images (N×C×H×W in [0, 1]) → the generator's channels and resolution."""
+        if x.shape[1] != self.model_channels_:
+            x = x.mean(dim=1, keepdim=True) if self.model_channels_ == 1 else x.expand(-1, 3, -1, -1)
+        res = self.settings()["resolution"]
+        if x.shape[-1] != res:
+            x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
+        return x.contiguous()
+
+    def _to_data(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.data_size_:
+            x = F.interpolate(x, size=(self.data_size_, self.data_size_), mode="bilinear", antialias=True,
+                              align_corners=False)
+        if x.shape[1] != self.data_channels_:
+            x = x.mean(dim=1, keepdim=True) if self.data_channels_ == 1 else x.expand(-1, 3, -1, -1)
+        return x
+
+
+def _check_training_data(images: Any, labels: Any, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[2] != images.shape[3]:
+        raise DataError(f"training images must be N×C×H×W (C 1 or 3, square), got shape {images.shape}")
+    if len(images) == 0:
+        raise DataError("no training images: the generator trains on the real training split")
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    if float(images.min()) < 0 or float(images.max()) > 1:
+        raise DataError(f"training images must lie in [0, 1], got [{images.min():.3g}, {images.max():.3g}]")
+    labels = np.ascontiguousarray(np.asarray(labels, dtype=np.int64).reshape(-1))
+    if len(labels) != len(images):
+        raise DataError(f"{len(labels)} labels for {len(images)} training images")
+    if len(classes) < 1 or labels.min() < 0 or labels.max() >= len(classes):
+        raise DataError(f"labels must lie in 0..{len(classes) - 1} for classes {list(classes)}")
+    return images, labels
+
+
+def cache_key(images: np.ndarray, labels: np.ndarray, classes: list[str], settings: dict[str, Any],
+              seed: int) -> str:
+    """sha256 of what determines the trained weights: pixels, labels, classes, training preset, seed."""
+    h = hashlib.sha256(CACHE_VERSION.encode())
+    h.update(json.dumps(list(images.shape)).encode())
+    h.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    training = {k: settings[k] for k in ("resolution", "channels", "unet", "train")}
+    h.update(json.dumps({"classes": list(classes), "preset": training, "seed": int(seed)}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _training_lock(lock: Path, done_marker: Path, poll_s: float = 2.0):
+    """Exclusive right to train one cache key; a waiter returns as soon as the holder has finished."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            if done_marker.is_file() or not _holder_alive(lock):
+                with contextlib.suppress(FileNotFoundError):
+                    if not done_marker.is_file():
+                        lock.unlink()  # a stale lock from a process that died
+                if done_marker.is_file():
+                    yield
+                    return
+                continue
+            time.sleep(poll_s)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _holder_alive(lock: Path) -> bool:
+    try:
+        pid = int(lock.read_text() or "0")
+    except (FileNotFoundError, ValueError):
+        return False
+    if pid <= 0:
+        return True  # written a moment ago; the pid follows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------- training loop
+
+
+def train_unet(unet: UNet2DModel, x: torch.Tensor, y: torch.Tensor, n_classes: int, cfg: dict[str, Any], *,
+               seed: int, device: torch.device, workdir: Path | None = None, progress: bool = True,
+               on_step: Callable[[int], None] | None = None) -> tuple[UNet2DModel, list[float], int]:
+    """Noise-prediction training with label dropout and EMA; returns (EMA UNet, loss per step, steps run now).
+
+    `x` is N×C×R×R in [-1, 1] on the CPU. All randomness comes from one `torch.Generator` seeded
+    with `seed`, whose state is checkpointed, so a resumed run repeats the uninterrupted one.
+    """
+    steps, batch = int(cfg["steps"]), int(cfg["batch_size"])
+    sched = DDPMScheduler(num_train_timesteps=int(cfg["num_train_timesteps"]), beta_schedule=cfg["beta_schedule"])
+    opt = torch.optim.AdamW(unet.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    ema = EMAModel(unet.parameters(), decay=float(cfg["ema_decay"]), use_ema_warmup=True, power=2 / 3,
+                   model_cls=UNet2DModel, model_config=unet.config)
+    gen = torch.Generator().manual_seed(int(seed))
+    counts = torch.bincount(y, minlength=n_classes).float()
+    draw_weights = counts[y] ** -float(cfg["class_balance"])  # 0: natural frequencies, 1: balanced classes
+    null = torch.tensor(n_classes)
+    ckpt = workdir / "checkpoint" if workdir is not None else None
+    start, losses = (_load_checkpoint(ckpt, unet, opt, ema, gen) if ckpt is not None else (0, []))
+    use_amp = device.type == "cuda"
+    if use_amp:
+        unet.to(memory_format=torch.channels_last)
+    unet.train()
+    bar = tqdm(range(start, steps), desc="training generator", disable=not progress, initial=start, total=steps)
+    for step in bar:
+        idx = torch.multinomial(draw_weights, batch, replacement=True, generator=gen)
+        x0, labels = x[idx], y[idx]
+        for dim, key in ((-1, "hflip"), (-2, "vflip")):
+            flip = torch.rand(batch, generator=gen) < 0.5
+            if cfg["augment"][key]:
+                x0 = torch.where(flip[:, None, None, None], x0.flip(dim), x0)
+        labels = torch.where(torch.rand(batch, generator=gen) < float(cfg["cfg_dropout"]), null, labels)
+        for group in opt.param_groups:
+            group["lr"] = float(cfg["lr"]) * min(1.0, (step + 1) / max(1, int(cfg["warmup_steps"])))
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = denoising_loss(unet, sched, x0, labels, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if float(cfg["grad_clip"]) > 0:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), float(cfg["grad_clip"]))
+        opt.step()
+        ema.step(unet.parameters())
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if ckpt is not None and (step + 1) % int(cfg["checkpoint_every"]) == 0 and step + 1 < steps:
+            _save_checkpoint(ckpt, unet, opt, ema, gen, step + 1, losses)
+        if on_step is not None:
+            on_step(step + 1)
+    ema_unet = UNet2DModel.from_config(unet.config).to(device)
+    ema.copy_to(ema_unet.parameters())
+    return ema_unet.to(memory_format=torch.contiguous_format), losses, steps - start
+
+
+def denoising_loss(unet: UNet2DModel, sched: DDPMScheduler, x0: torch.Tensor, labels: torch.Tensor,
+                   gen: torch.Generator) -> torch.Tensor:
+    """Mean squared error of the noise prediction at random timesteps (noise and t drawn from `gen`)."""
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=gen)
+    device = next(unet.parameters()).device
+    pred = unet(sched.add_noise(x0, noise, t).to(device), t.to(device), class_labels=labels.to(device)).sample
+    return F.mse_loss(pred.float(), noise.to(device))
+
+
+def _save_checkpoint(folder: Path, unet: UNet2DModel, opt: torch.optim.Optimizer, ema: EMAModel,
+                     gen: torch.Generator, step: int, losses: list[float]) -> None:
+    """Everything a resumed run needs, without pickle; replaced atomically (old kept until the new is whole)."""
+    tmp, old = folder.with_name("checkpoint.tmp"), folder.with_name("checkpoint.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    unet.save_pretrained(tmp / "unet")
+    opt_state = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in opt_state["state"].items()
+               for k, v in st.items() if torch.is_tensor(v)}
+    safetensors.torch.save_file(tensors, tmp / "optimizer.safetensors")
+    ema_state = ema.state_dict()
+    shadow = {f"{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))}
+    shadow["rng"] = gen.get_state()
+    safetensors.torch.save_file(shadow, tmp / "ema_rng.safetensors")
+    state = {"step": step, "losses": losses, "param_groups": opt_state["param_groups"], "ema": ema_state}
+    (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, unet: UNet2DModel, opt: torch.optim.Optimizer, ema: EMAModel,
+                     gen: torch.Generator) -> tuple[int, list[float]]:
+    if not (folder / "state.json").is_file():
+        old = folder.with_name("checkpoint.old")  # a crash between the two renames of _save_checkpoint
+        if not (old / "state.json").is_file():
+            return 0, []
+        folder = old
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    device = next(unet.parameters()).device
+    weights = safetensors.torch.load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    unet.load_state_dict(weights)
+    tensors = safetensors.torch.load_file(folder / "optimizer.safetensors")
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        i, name = key.split(".", 1)
+        per_param.setdefault(int(i), {})[name] = value if name == "step" else value.to(device)
+    opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    shadow = safetensors.torch.load_file(folder / "ema_rng.safetensors")
+    gen.set_state(shadow.pop("rng"))
+    ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)].to(device) for i in range(len(shadow))]})
+    return int(state["step"]), list(state["losses"])

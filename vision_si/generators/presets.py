@@ -1,0 +1,81 @@
+"""Generator presets: YAML files in the repository's `generators/` folder, selectable by name.
+
+A preset names its `backend` (a registered generator) and that backend's settings; the `ddpm`
+presets look like this (see `generators/quick.yaml`):
+
+```yaml
+backend: ddpm
+resolution: 32          # the generator's working size; images return at the data's size
+channels: auto          # auto: the data's own (grayscale stays 1), or 1 / 3
+unet: {block_out_channels: [32, 64, 64], layers_per_block: 1, attention: false, norm_num_groups: 16}
+train: {steps: 600, batch_size: 32, lr: 0.002, warmup_steps: 50, ema_decay: 0.999, cfg_dropout: 0.1,
+        class_balance: 0.5, augment: {hflip: true, vflip: true}, checkpoint_every: 200}
+sample: {sampler: dpmsolver++, steps: 15, guidance_scale: 2.0}
+```
+
+`load_preset(name_or_path)` reads one and adds `name` (the file's stem); `resolve_preset(cfg)`
+applies a `GenerateConfig`'s overrides (`backend`, `steps`, `guidance_scale`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vision_si.config import REPO_ROOT, GenerateConfig, resolve_path
+from vision_si.errors import ConfigError
+
+PRESET_DIR = REPO_ROOT / "generators"
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in `<repo>/generators/`."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str | Path) -> dict[str, Any]:
+    """A preset as a plain dict with `name` set; a bare name is looked up in `<repo>/generators/`."""
+    text = str(name_or_path)
+    looks_like_path = text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text
+    if looks_like_path:
+        path = resolve_path(text)
+        if not path.is_file():
+            raise ConfigError(f"generator preset file '{text}' not found")
+    else:
+        path = PRESET_DIR / f"{text}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown generator preset {text!r}; known: {', '.join(list_presets()) or 'none'}"
+                              f" (or give a path to a preset YAML)")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: a generator preset must be a mapping, got {type(content).__name__}")
+    if not isinstance(content.get("backend"), str):
+        raise ConfigError(f"{path}: missing 'backend' (a generator name such as 'ddpm')")
+    content.setdefault("name", path.stem)
+    return content
+
+
+def resolve_preset(cfg: GenerateConfig) -> dict[str, Any]:
+    """The preset `cfg.preset` with the config's overrides applied (`backend`, `steps`, `guidance_scale`)."""
+    preset = copy.deepcopy(load_preset(cfg.preset))
+    if cfg.backend is not None:
+        preset["backend"] = cfg.backend
+    sample = preset.setdefault("sample", {})
+    if not isinstance(sample, dict):
+        raise ConfigError(f"generator preset {preset['name']!r}: 'sample' must be a mapping")
+    if cfg.steps is not None:
+        sample["steps"] = cfg.steps
+    if cfg.guidance_scale is not None:
+        sample["guidance_scale"] = cfg.guidance_scale
+    return preset
+
+
+def generator_kwargs(preset: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for `create_generator(preset['backend'], **kwargs)`: every key but `backend`."""
+    return {k: copy.deepcopy(v) for k, v in preset.items() if k != "backend"}
