@@ -187,5 +187,6 @@ def make_train_loader(images: np.ndarray, labels: np.ndarray, *, batch_size: int
     dataset = ArrayDataset(all_images, all_labels, real_ids + syn_ids, is_synthetic, augment)
     weights = sampling_weights(all_labels, is_synthetic, balanced=balanced, synthetic_share=synthetic_share)
     sampler = _StepBatchSampler(weights, batch_size=batch_size, steps=steps, seed=seed, start_step=start_step)
+    # own generator for the workers' base seed, so building the loader leaves the global RNG alone
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                      persistent_workers=False, pin_memory=False)
+                      generator=torch.Generator().manual_seed(seed))
