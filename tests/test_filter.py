@@ -14,7 +14,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.exceptions import NotFittedError
 
-from vision_si.config import FilterConfig, config_from_dict
+from vision_si.config import ClassifierConfig, FilterConfig, config_from_dict
 from vision_si.errors import ConfigError, DataError, InputError
 from vision_si.filter import (
     FILTERS,
@@ -271,3 +271,25 @@ def test_pixel_similarity_is_the_correlation_of_pooled_images():
     best, where = max_similarity(q, r, chunk=7)
     full = q @ r.T
     assert np.allclose(best, full.max(1), atol=1e-6) and (where == full.argmax(1)).all()
+
+
+def test_score_with_models_feeds_filter_candidates(world, tmp_path):
+    from vision_si.classifier import train_classifier
+    from vision_si.filter import score_with_models
+
+    w = world
+    x, y = w["x"], w["y"]
+    clf = train_classifier(ClassifierConfig(arch="resnet10t", model_kwargs={"channels": [8, 16, 32, 64]}, steps=10,
+                                            batch_size=16, warmup_steps=2, device="cpu", eval_every=1000),
+                           x[w["tr"]], y[w["tr"]], classes=["0", "1", "2"], seed=0, out_dir=tmp_path / "critic",
+                           progress=False)
+    cand = np.stack([x[w["ev"][4]], x[w["fresh"][40]]])
+    out = score_with_models(clf, clf, candidate_images=cand, real_train_images=x[w["tr"]],
+                            eval_images=x[w["ev"]], real_val_images=x[w["ev"]])
+    assert out["candidate_critic_probs"].shape == (2, K) and out["real_train_emb"].shape[0] == len(w["tr"])
+    assert out["eval_emb"].shape[1] == out["candidate_critic_emb"].shape[1] and "pool_emb" not in out
+    res = filter_candidates(CFG, candidate_ids=["leak", "fresh"], candidate_labels=y[[w["ev"][4], w["fresh"][40]]],
+                            candidate_images=cand, real_train_images=x[w["tr"]], real_train_labels=y[w["tr"]],
+                            eval_images=x[w["ev"]], real_val_labels=y[w["ev"]], **out)
+    assert res.rows[0]["reason"] == "leak" and res.rows[0]["leak_cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert res.rows[1]["reason"] != "leak"

@@ -7,9 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from vision_si.config import GateConfig
+from vision_si.classifier import predict, train_classifier
+from vision_si.config import ClassifierConfig, GateConfig
 from vision_si.errors import DataError, InputError
-from vision_si.gate import GateDecision, decide
+from vision_si.gate import GateDecision, decide, run_gate
 
 CLASSES = ["a", "b", "c", "d"]
 K = len(CLASSES)
@@ -136,3 +137,80 @@ def test_bad_predictions_are_named(val):
                classes=CLASSES)
     with pytest.raises(DataError, match="0..3"):
         decide(GateConfig(), val_labels=labels, baseline_preds=base, candidate_preds=base + 1, classes=CLASSES)
+
+
+# --------------------------------------------------------------------------- run_gate: real training
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Digits 8×8: 8 training images a class (a weak baseline), 40 held out a class, 30 val a class."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = (d.images / 16.0).astype(np.float32)[:, None], d.target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    per_class = [rng.permutation(np.flatnonzero(y == c)) for c in range(10)]
+    tr, held, val = (np.concatenate([i[a:b] for i in per_class]) for a, b in ((0, 8), (8, 48), (48, 78)))
+    return {"x": x, "y": y, "tr": tr, "held": held, "val": val, "classes": [str(c) for c in range(10)]}
+
+
+CLF = ClassifierConfig(arch="resnet10t", model_kwargs={"channels": [16, 32, 64, 128]}, steps=60, batch_size=32,
+                       lr=3e-3, warmup_steps=5, label_smoothing=0.0, device="cpu", eval_every=1000)
+
+
+def baseline(digits, tmp_path, seeds):
+    x, y = digits["x"], digits["y"]
+    preds = []
+    for k, s in enumerate(seeds):
+        clf = train_classifier(CLF, x[digits["tr"]], y[digits["tr"]], classes=digits["classes"], seed=s,
+                               out_dir=tmp_path / f"baseline-{k}", progress=False)
+        preds.append(predict(clf, x[digits["val"]]).probs.argmax(1))
+    return np.stack(preds)
+
+
+def gate_with(digits, tmp_path, name, cand_labels, cfg, base, **kw):
+    x, y, held = digits["x"], digits["y"], digits["held"]
+    return run_gate(cfg, CLF, train_images=x[digits["tr"]], train_labels=y[digits["tr"]], pool_images=None,
+                    pool_labels=None, pool_ids=None, candidate_images=x[held], candidate_labels=cand_labels,
+                    candidate_ids=[f"held-{i}" for i in held], val_images=x[digits["val"]],
+                    val_labels=y[digits["val"]], classes=digits["classes"], seed=0, out_dir=tmp_path / name,
+                    baseline_preds=base, progress=False, **kw)
+
+
+def test_run_gate_accepts_a_pool_that_helps_and_refuses_one_that_harms(digits, tmp_path):
+    base = baseline(digits, tmp_path, [0])
+    right = digits["y"][digits["held"]]
+    helped = gate_with(digits, tmp_path, "helpful", right, GateConfig(), base)
+    assert helped.accepted and helped.reason_code == "gain" and helped.delta["ci"][0] > 0
+    assert (tmp_path / "helpful" / "decision.json").is_file()
+    assert (tmp_path / "helpful" / "candidate-0" / "model.json").is_file()
+    assert helped.training["n_candidates"] == len(right) and helped.seeds == [0]
+    harmed = gate_with(digits, tmp_path, "harmful", (right + 1) % 10, GateConfig(), base)  # every label wrong
+    assert not harmed.accepted and harmed.delta["ci"][1] < 0 and harmed.regressions
+
+
+def test_run_gate_trains_one_model_per_seed_with_the_baseline_seeds(digits, tmp_path):
+    from vision_si.data import build_augmentation
+
+    cfg = GateConfig(seeds=2)
+    base = baseline(digits, tmp_path, [0, 1])
+    right = digits["y"][digits["held"]]
+    with pytest.raises(DataError, match="same seeds"):
+        gate_with(digits, tmp_path, "one-side", right, cfg, base[:1])
+    d = gate_with(digits, tmp_path, "two", right, cfg, base,
+                  augment=lambda seed: build_augmentation("light", 1, seed))
+    assert d.seeds == [0, 1] and d.training["models"] == ["candidate-0", "candidate-1"]
+    assert d.accepted
+    weights = tmp_path / "two" / "candidate-1" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again = gate_with(digits, tmp_path, "two", right, cfg, base,
+                      augment=lambda seed: build_augmentation("light", 1, seed))
+    assert again.delta == d.delta and weights.stat().st_mtime_ns == stamp  # loaded, not retrained
+    empty = run_gate(cfg, CLF, train_images=digits["x"][digits["tr"]], train_labels=digits["y"][digits["tr"]],
+                     pool_images=None, pool_labels=None, pool_ids=None,
+                     candidate_images=np.zeros((0, 1, 8, 8), np.float32), candidate_labels=np.zeros(0, np.int64),
+                     candidate_ids=[], val_images=digits["x"][digits["val"]], val_labels=digits["y"][digits["val"]],
+                     classes=digits["classes"], seed=0, out_dir=tmp_path / "empty", baseline_preds=base,
+                     progress=False)
+    assert not empty.accepted and empty.decision == "skipped" and not (tmp_path / "empty" / "candidate-0").exists()

@@ -55,6 +55,7 @@ import numpy as np
 from sklearn.exceptions import NotFittedError
 from sklearn.neighbors import LocalOutlierFactor, NearestNeighbors
 
+from vision_si.classifier import TrainedClassifier, predict
 from vision_si.config import FilterConfig
 from vision_si.errors import DataError, InputError, RunDirError
 from vision_si.similarity import (
@@ -676,3 +677,26 @@ def filter_candidates(cfg: FilterConfig, *, candidate_ids: Sequence[str], candid
     return FilterResult(rows=rows, accepted_ids=[r["id"] for r in rows if r["decision"] == "accepted"],
                         counts=counts, thresholds=thresholds, enabled=enabled, overridden_ids=overridden,
                         review_refused_ids=refused, closest_real=closest, config=asdict(cfg))
+
+
+def score_with_models(critic: TrainedClassifier, current: TrainedClassifier, *, candidate_images: np.ndarray, real_train_images: np.ndarray,
+                      eval_images: np.ndarray, pool_images: np.ndarray | None = None,
+                      real_val_images: np.ndarray | None = None, batch_size: int = 256) -> dict[str, Any]:
+    """The model outputs `filter_candidates` needs, from a critic and the current model (`TrainedClassifier`s).
+
+    Returns keyword arguments: `filter_candidates(cfg, **score_with_models(...), candidate_ids=...,
+    candidate_labels=..., candidate_images=..., real_train_images=..., ...)`. The critic must be a
+    model trained on real data only (round 0's by default), never the one being improved.
+    """
+    crit = predict(critic, candidate_images, batch_size=batch_size)
+    out: dict[str, Any] = {
+        "candidate_critic_probs": crit.probs, "candidate_critic_emb": crit.embeddings,
+        "candidate_current_probs": predict(current, candidate_images, batch_size=batch_size).probs,
+        "real_train_emb": predict(critic, real_train_images, batch_size=batch_size).embeddings,
+        "eval_emb": predict(critic, eval_images, batch_size=batch_size).embeddings,
+    }
+    if pool_images is not None and len(pool_images):
+        out["pool_emb"] = predict(critic, pool_images, batch_size=batch_size).embeddings
+    if real_val_images is not None:
+        out["real_val_critic_probs"] = predict(critic, real_val_images, batch_size=batch_size).probs
+    return out

@@ -24,6 +24,8 @@ the gate was off and what it would have decided.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from vision_si.config import GateConfig
+from vision_si.classifier import predict, train_classifier
+from vision_si.config import ClassifierConfig, GateConfig
 from vision_si.errors import DataError, InputError
 from vision_si.metrics import bootstrap_interval, classification_metrics, paired_bootstrap
 
@@ -177,3 +180,87 @@ def decide(cfg: GateConfig, *, val_labels: np.ndarray, baseline_preds: np.ndarra
                    "method": BOOTSTRAP_METHOD},
         seeds=[int(s) for s in model_seeds] if model_seeds is not None else list(range(n_seeds)),
         n_val=int(labels.size), gate_enabled=cfg.enabled, would_accept=bool(would_accept), weak_classes=weak)
+
+
+# --------------------------------------------------------------------------- retrain and compare
+
+
+def _augment_for(augment: Any, seed: int) -> Any:
+    """`augment` is a transform used as is (or None), or a function of the seed that builds one."""
+    if augment is None or hasattr(augment, "set_random_seed"):
+        return augment
+    if callable(augment):
+        try:
+            required = [p for p in inspect.signature(augment).parameters.values()
+                        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            required = []
+        if len(required) == 1:
+            return augment(seed)
+    return augment  # a per-image callable fn(image_hwc, seed): the training loader seeds it per draw
+
+
+def _stack(name: str, parts: list[tuple[np.ndarray | None, np.ndarray | None, Sequence[str] | None]]):
+    images, labels, ids = [], [], []
+    for x, y, i in parts:
+        if x is None or not len(x):
+            continue
+        y = np.asarray(y, np.int64)
+        if len(y) != len(x) or (i is not None and len(i) != len(x)):
+            raise DataError(f"{name}: {len(x)} images, {len(y)} labels and {len(i or [])} ids do not match")
+        images.append(np.asarray(x, np.float32))
+        labels.append(y)
+        ids += [str(v) for v in i] if i is not None else [f"extra:{len(ids) + k}" for k in range(len(x))]
+    if not images:
+        return None, None, None
+    return np.concatenate(images), np.concatenate(labels), ids
+
+
+def run_gate(cfg: GateConfig, clf_cfg: ClassifierConfig, *, train_images: np.ndarray, train_labels: np.ndarray,
+             pool_images: np.ndarray | None, pool_labels: np.ndarray | None, pool_ids: Sequence[str] | None,
+             candidate_images: np.ndarray, candidate_labels: np.ndarray, candidate_ids: Sequence[str],
+             val_images: np.ndarray, val_labels: np.ndarray, classes: Sequence[str], seed: int,
+             out_dir: str | Path, baseline_preds: np.ndarray, augment: Any = None,
+             weak_classes: Sequence[int] | None = None, progress: bool = True) -> GateDecision:
+    """Train `cfg.seeds` candidate models (seed + k) on real train + pool + candidates and `decide`.
+
+    `baseline_preds` (seeds × N val, class indices) come from the current models trained with the
+    same seeds. The k-th candidate model is written to `out_dir/candidate-k/`; after an interruption
+    a finished folder is loaded and a partial one resumed (train_classifier's contract). With no candidate
+    there is nothing to add: nothing is trained and the round is `skipped`.
+    """
+
+    out = Path(out_dir)
+    seeds = [seed + k for k in range(cfg.seeds)]
+    base = np.atleast_2d(np.asarray(baseline_preds))
+    if base.shape[0] != len(seeds):
+        raise DataError(f"baseline_preds has {base.shape[0]} seed(s) but gate.seeds is {cfg.seeds}: "
+                        "both sides train with the same seeds")
+    if not len(candidate_ids):
+        d = decide(cfg, val_labels=val_labels, baseline_preds=base, candidate_preds=base, classes=classes,
+                   weak_classes=weak_classes, seed=seed, model_seeds=seeds)
+        d.accepted, d.would_accept, d.reason_code = False, False, "no_candidates"
+        d.reason = "no candidate passed the filter: nothing to add, no model trained"
+        return d
+
+    extra_x, extra_y, extra_ids = _stack("pool + candidates", [(pool_images, pool_labels, pool_ids),
+                                                                (candidate_images, candidate_labels, candidate_ids)])
+    start = time.time()
+    preds, dirs = [], []
+    for k, s in enumerate(seeds):
+        model_dir = out / f"candidate-{k}"
+        # A finished folder with the same inputs is loaded, a partial one resumed (train_classifier's contract).
+        clf = train_classifier(clf_cfg, train_images, train_labels, classes=list(classes), seed=s,
+                               out_dir=model_dir, val_images=val_images, val_labels=val_labels,
+                               extra_images=extra_x, extra_labels=extra_y, extra_ids=extra_ids,
+                               augment=_augment_for(augment, s), progress=progress)
+        preds.append(predict(clf, val_images, batch_size=clf_cfg.predict_batch_size).probs.argmax(1))
+        dirs.append(model_dir.name)
+    d = decide(cfg, val_labels=val_labels, baseline_preds=base, candidate_preds=np.stack(preds), classes=classes,
+               weak_classes=weak_classes, seed=seed, model_seeds=seeds)
+    d.training = {"n_train": int(len(train_labels)), "n_pool": int(len(pool_ids or [])),
+                  "n_candidates": int(len(candidate_ids)), "steps": clf_cfg.steps,
+                  "synthetic_share": clf_cfg.synthetic_share, "models": dirs, "seconds": time.time() - start}
+    d.save(out)
+    return d
+
