@@ -1,0 +1,256 @@
+"""The `ray` engine of generation jobs: the same job as `runner.run_generation`, on a Ray cluster.
+
+`run_generation_ray` takes the same arguments as `run_generation` (plus `address`, `num_actors`)
+and writes the same files: `out_dir/images/<id>.png` and `out_dir/manifest.jsonl`, byte for byte
+what the local engine writes for the same seed (manifest rows differ only in `seconds`), and it
+resumes the same way (an image whose file matches its manifest row is kept).
+
+How it runs. The driver fits the generator once (or loads it from the generator cache) and plans
+the image jobs and their chunks exactly as the local engine does (`runner.plan_jobs`; a chunk is the
+unit of computation, fixed by the plan). Each pending chunk is one item of a Ray Dataset;
+`map_batches` sends items to a fixed pool of `GeneratorActor`s (one GPU each when the cluster has
+GPUs, else CPUs). An actor loads the fitted generator once — from its cache folder when the folder
+is visible on that node, else from the object store (the driver's fitted generator, pickled; the SD
+backends pickle their parameters only and reload their weights from `model`) — checks its
+checkpoint hash, and computes each chunk with `runner.generate_chunk`. Images come back to the
+driver, which writes the files and manifest rows, so the cluster needs no shared filesystem.
+
+Bit-identical files: an image is computed in the same chunk as on the local engine, and a CPU actor
+runs as many torch threads as the driver (the local engine) would and holds that many CPUs, because
+CPU kernels round differently for other batch shapes and thread counts (differences near 1e-6, enough
+to move an 8-bit pixel now and then). Across different hardware (or CPU against GPU) that rounding
+can still move a pixel by one 8-bit step in rare cases.
+
+Cluster. `address` (or `GenerateConfig.ray_address`) joins a running cluster (`ray.init(address=...)`);
+without it a local instance is started on the loopback interface only (no dashboard, usage
+statistics off) and shut down at the end. A Ray session that is already running in this process is
+used as it is and left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vision_si.config import GenerateConfig
+from vision_si.errors import ConfigError, DataError
+from vision_si.generators.base import GenerationRequest, Generator, ManifestRow
+from vision_si.generators.presets import generator_kwargs
+from vision_si.generators.runner import (
+    GenerationResult,
+    ImageJob,
+    _same_job,
+    append_manifest,
+    chunks,
+    exemplar_lookup,
+    file_sha256,
+    fit_generator,
+    generate_chunk,
+    make_row,
+    plan_jobs,
+    read_manifest,
+    write_image,
+    write_manifest,
+)
+
+# ---------------------------------------------------------------------- Ray session
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None, progress: bool = True) -> Iterator[Any]:
+    """The `ray` module with a session: the running one, a cluster at `address`, or a local loopback instance."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    if address is None and "ray" not in sys.modules:
+        # Ray binds a local instance to the machine's routable address unless this is off (read at import)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"generate.engine 'ray' needs {exc.name or 'ray'}: pip install 'vision-si[ray]'") from None
+    if ray.is_initialized():
+        yield ray
+        return
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": progress}
+    try:
+        if address is not None:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+        raise ConfigError(f"could not start or join {where} (generate.ray_address / --address): "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------------- actors
+
+
+@dataclasses.dataclass
+class GeneratorSource:
+    """How an actor gets the fitted generator: its cache folder if visible, else the pickled object."""
+
+    backend_class: type
+    folder: str | None  # a folder `backend_class.load(folder, **kwargs)` reads (the ddpm cache entry)
+    kwargs: dict[str, Any]
+    pickled: Any  # ray ObjectRef of the driver's fitted generator
+    checkpoint_sha256: str
+
+    def load(self) -> Generator:
+        import ray
+
+        loader = getattr(self.backend_class, "load", None)
+        if self.folder is not None and callable(loader) and Path(self.folder).is_dir():
+            generator = loader(self.folder, **self.kwargs)
+        else:
+            generator = ray.get(self.pickled)
+        if generator.checkpoint_sha256 != self.checkpoint_sha256:
+            raise DataError(f"a Ray actor loaded generator {generator.checkpoint_sha256[:12]}, not the driver's "
+                            f"{self.checkpoint_sha256[:12]} (changed cache folder '{self.folder}'?)")
+        return generator
+
+
+class GeneratorActor:
+    """One Ray Data actor: loads the generator once, then turns items (one chunk of jobs each) into images."""
+
+    def __init__(self, source: GeneratorSource, exemplars: Mapping[str, np.ndarray],
+                 classifier_fn: Callable[..., Any] | None, classifier_scale: float, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.generator = source.load()
+        self.exemplars = exemplars
+        self.classifier_fn = classifier_fn
+        self.classifier_scale = classifier_scale
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, images, seconds = [], [], []
+        for item in batch["chunk"]:  # one item is one chunk of the plan
+            chunk = [ImageJob(**d) for d in json.loads(str(item))]
+            t0 = time.perf_counter()
+            out = generate_chunk(self.generator, chunk, exemplars=self.exemplars, classifier_fn=self.classifier_fn,
+                                 classifier_scale=self.classifier_scale)
+            per_image = (time.perf_counter() - t0) / len(chunk)
+            ids += [j.id for j in chunk]
+            images += list(np.asarray(out, dtype=np.float32))
+            seconds += [per_image] * len(chunk)
+        return {"id": np.array(ids), "image": np.stack(images), "seconds": np.array(seconds, dtype=np.float64)}
+
+
+def _source(ray: Any, generator: Generator, preset: dict[str, Any]) -> GeneratorSource:
+    folder = getattr(generator, "folder_", None)
+    return GeneratorSource(backend_class=type(generator), folder=str(folder) if folder is not None else None,
+                           kwargs=generator_kwargs(preset), pickled=ray.put(generator),
+                           checkpoint_sha256=generator.checkpoint_sha256)
+
+
+def ray_generate_jobs(ray: Any, generator: Generator, preset: dict[str, Any], jobs: Sequence[ImageJob], *,
+                      exemplars: Mapping[str, np.ndarray], classifier_fn: Callable[..., Any] | None = None, classifier_scale: float = 0.0,
+                      num_actors: int | None = None, progress: bool = True) -> Iterator[tuple[ImageJob, np.ndarray, float]]:
+    """Like `runner.generate_jobs`, on an actor pool: yields (job, C×H×W image, seconds) as chunks finish."""
+    if not jobs:
+        return
+    import torch
+
+    groups = chunks(jobs)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = max(1, int(resources.get("CPU", 1)))
+    threads = 1 if gpus else min(torch.get_num_threads(), cpus)
+    size = num_actors if num_actors is not None else (gpus if gpus else max(1, cpus // threads))
+    if size < 1:
+        raise ConfigError(f"num_actors={num_actors} must be >= 1")
+    size = min(size, len(groups))
+    needed = {j.exemplar_id for j in jobs if j.exemplar_id is not None}
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the driver's own bar counts images
+    if not progress:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    items = [{"chunk": json.dumps([dataclasses.asdict(j) for j in c])} for c in groups]
+    dataset = ray.data.from_items(items).map_batches(
+        GeneratorActor, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=size),
+        fn_constructor_kwargs={"source": _source(ray, generator, preset),
+                               "exemplars": {i: exemplars[i] for i in needed}, "classifier_fn": classifier_fn,
+                               "classifier_scale": classifier_scale, "threads": threads},
+        num_cpus=threads, num_gpus=1 if gpus else 0)
+    by_id = {j.id: j for j in jobs}
+    with tqdm(total=len(jobs), desc=f"generating on {size} Ray actor(s)", disable=not progress) as bar:
+        for row in dataset.iter_rows():
+            yield by_id[str(row["id"])], np.asarray(row["image"], dtype=np.float32), float(row["seconds"])
+            bar.update(1)
+
+
+# ---------------------------------------------------------------------- the job
+
+
+def run_generation_ray(cfg: GenerateConfig, requests: Sequence[GenerationRequest], *, train_images: np.ndarray,
+                       train_labels: np.ndarray, train_ids: Sequence[str], classes: list[str], out_dir: str | Path,
+                       seed: int, id_prefix: str = "syn-r01", classifier_fn: Callable[..., Any] | None = None,
+                       progress: bool = True, address: str | None = None,
+                       num_actors: int | None = None) -> GenerationResult:
+    """`run_generation` on Ray: same files, manifest and resume; `address` (else `cfg.ray_address`) joins a cluster."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = plan_jobs(requests, seed=seed, id_prefix=id_prefix, batch_size=cfg.batch_size)
+    if any(j.mode == "guided" for j in jobs) and classifier_fn is None:
+        raise ConfigError("generate.mode 'guided' needs the current classifier (classifier_fn); none was given")
+    exemplars = exemplar_lookup(jobs, train_images, train_ids)
+    generator, preset = fit_generator(cfg, train_images=train_images, train_labels=train_labels, classes=classes,
+                                      seed=seed, progress=progress)
+
+    def expected(job: ImageJob, sha: str = "", seconds: float = 0.0) -> ManifestRow:
+        return make_row(job, path=f"images/{job.id}.png", sha256=sha, preset=preset, generator=generator,
+                        classifier_scale=cfg.classifier_scale, seconds=seconds)
+
+    # the resume rule of the local engine: keep valid images, recompute whole chunks around the rest
+    manifest = out_dir / "manifest.jsonl"
+    job_ids = {j.id for j in jobs}
+    old = read_manifest(manifest)
+    foreign = [r for r in old if r.id not in job_ids]
+    by_id = {r.id: r for r in old}
+    done: dict[str, ManifestRow] = {}
+    for job in jobs:
+        row = by_id.get(job.id)
+        if row is not None and _same_job(row, expected(job)) and file_sha256(out_dir / row.path) == row.sha256:
+            done[job.id] = row
+    write_manifest(manifest, foreign + [done[j.id] for j in jobs if j.id in done])
+    todo = {j.batch_id for j in jobs if j.id not in done}
+    pending = [j for j in jobs if j.batch_id in todo]
+    n_reused = len(done)
+    n_generated = sum(j.id not in done for j in jobs)
+    if pending:
+        with ray_session(address if address is not None else cfg.ray_address, progress=progress) as ray:
+            for job, image, seconds in ray_generate_jobs(ray, generator, preset, pending, exemplars=exemplars,
+                                                         classifier_fn=classifier_fn,
+                                                         classifier_scale=cfg.classifier_scale,
+                                                         num_actors=num_actors, progress=progress):
+                if job.id in done:
+                    continue
+                rel, sha = write_image(out_dir, job.id, image)
+                row = expected(job, sha, seconds)
+                append_manifest(manifest, [row])
+                done[job.id] = row
+    rows = [done[j.id] for j in jobs]
+    write_manifest(manifest, foreign + rows)
+    return GenerationResult(rows=rows, manifest_path=manifest, generator_sha256=generator.checkpoint_sha256,
+                            n_generated=n_generated, n_reused=n_reused,
+                            cache_hit=bool(getattr(generator, "cache_hit_", False)),
+                            seconds=time.perf_counter() - t0)
