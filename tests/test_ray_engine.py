@@ -80,6 +80,31 @@ def test_ray_engine_matches_local_engine_and_resumes(ray_local, tmp_path):
     assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
 
 
+@pytest.mark.ray
+@pytest.mark.sd
+def test_ray_engine_runs_stable_diffusion_like_the_local_engine(ray_local, tmp_path, monkeypatch):
+    """SD generators travel to actors as parameters and reload their weights there (the GPU-cluster case)."""
+    pytest.importorskip("transformers")
+    import yaml
+    from test_stable_diffusion import save_tiny_sd, tiny_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = save_tiny_sd(tmp_path / "tiny-sd", tiny_tokenizer(tmp_path / "vocab"), 4)
+    preset = tmp_path / "tiny-sd-img2img.yaml"
+    preset.write_text(yaml.safe_dump({"backend": "sd-img2img", "model": str(model), "resolution": 16, "device": "cpu",
+                                      "sample": {"sampler": "ddim", "steps": 2, "guidance_scale": 2.0}}))
+    images, labels, ids, _ = _data()
+    requests = [GenerationRequest(class_index=1, class_name="bad", slice_id="s1", count=5,
+                                  exemplar_ids=["real:01", "real:03"], mode="exemplar", strength=0.5)]
+    cfg = GenerateConfig(preset=str(preset), batch_size=2, cache_dir="")
+    for engine in ("local", "ray"):
+        run_generation(dataclasses.replace(cfg, engine=engine), requests, train_images=images, train_labels=labels,
+                       train_ids=ids, classes=CLASSES, out_dir=tmp_path / engine, seed=7, progress=False)
+    assert len(_files(tmp_path / "ray")) == 5
+    assert _files(tmp_path / "ray") == _files(tmp_path / "local")
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
+
+
 def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ConfigError, match=r"pip install 'vision-si\[ray\]'"), ray_session(None):

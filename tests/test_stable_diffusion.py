@@ -23,7 +23,7 @@ pytestmark = pytest.mark.sd
 CLASSES = ["mono-functional", "mono-defective"]
 
 
-def _tokenizer(folder):
+def tiny_tokenizer(folder):
     """A CLIP BPE tokenizer over single letters, from a vocab.json and merges.txt written here."""
     from transformers import CLIPTokenizer
 
@@ -37,7 +37,8 @@ def _tokenizer(folder):
     return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=16)
 
 
-def _save_pipeline(folder, tokenizer, unet_in_channels):
+def save_tiny_sd(folder, tokenizer, unet_in_channels):
+    """A random tiny Stable Diffusion pipeline folder (UNet, VAE, CLIP text encoder, DDIM) for CPU tests."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -65,8 +66,8 @@ def _save_pipeline(folder, tokenizer, unet_in_channels):
 def models(tmp_path_factory):
     """Two pipeline folders: text-to-image/img2img (4-channel UNet) and inpainting (9-channel UNet)."""
     root = tmp_path_factory.mktemp("sd")
-    tok = _tokenizer(root / "vocab")
-    return {"sd": _save_pipeline(root / "tiny-sd", tok, 4), "inpaint": _save_pipeline(root / "tiny-inpaint", tok, 9)}
+    tok = tiny_tokenizer(root / "vocab")
+    return {"sd": save_tiny_sd(root / "tiny-sd", tok, 4), "inpaint": save_tiny_sd(root / "tiny-inpaint", tok, 9)}
 
 
 @pytest.fixture(autouse=True)
