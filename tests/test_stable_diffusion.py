@@ -138,6 +138,22 @@ def test_inpaint_changes_only_the_box(models):
     assert np.abs(out[:, :, inside] - ex[:, :, inside]).mean() > 1e-2
     np.testing.assert_array_equal(out, gen.generate_batch(np.array([1, 0]), [7, 8], mode="exemplar",
                                                           exemplars=ex, strength=1.0))
+    half = gen.generate_batch(np.array([1, 0]), [7, 8], mode="exemplar", exemplars=ex, strength=0.5)
+    np.testing.assert_array_equal(half[:, :, ~inside], ex[:, :, ~inside])
+    assert np.abs(half - out).max() > 1e-3
+
+
+def test_inpaint_random_boxes_follow_the_image_seed(models):
+    ex = np.zeros((2, 1, 16, 16), dtype=np.float32)  # black exemplars: the repainted box shows where it is
+    gen = _fit("sd-inpaint", models["inpaint"], ex, mask={"size": 0.25, "position": "random"})
+    out = gen.generate_batch(np.array([0, 0]), [21, 22], mode="exemplar", exemplars=ex, strength=1.0)
+    changed = out[:, 0] != 0
+    for k, seed in enumerate((21, 22)):
+        top, left, bottom, right = mask_box({"size": 0.25, "position": "random"}, seed)
+        box = np.zeros((16, 16), dtype=bool)
+        box[round(top * 16):round(bottom * 16), round(left * 16):round(right * 16)] = True
+        assert not changed[k][~box].any() and changed[k][box].mean() > 0.5
+    assert not np.array_equal(changed[0], changed[1])
 
 
 def test_random_box_is_seeded_per_image():
