@@ -20,7 +20,7 @@ CLASSES = ["a", "b", "c", "d", "e"]
 def slice_report(k: int, j: int, errors: int, n_val: int, weak: bool = True) -> SliceReport:
     return SliceReport(slice_id=f"c{k}-s{j}", class_index=k, class_name=CLASSES[k], cluster=j, n_train=10,
                        n_val=n_val, n_val_errors=errors, error_rate=errors / n_val, error_ci=[0.0, 1.0],
-                       decision_lower=0.5, class_error_rate=0.1, mean_margin=0.0, dominant_wrong_class="b",
+                       decision_lower=0.5, p_value=0.0, class_error_rate=0.1, mean_margin=0.0, dominant_wrong_class="b",
                        dominant_wrong_count=errors, weak=weak, exemplar_ids=[f"t{k}-{j}-{i}" for i in range(3)])
 
 

@@ -5,21 +5,27 @@ wider than `pca_dim`, and clustered — a Gaussian mixture whose number of compo
 `max_clusters`) minimises BIC, or HDBSCAN. Clusters are fitted on at most `max_fit_samples` images
 of the class and every image is then assigned, so memory and time stay bounded at any size.
 
-"Reliably above" (the decision rule). A cluster with `n` val images, `e` of them misclassified, is
-a weak slice when
+"Reliably above" (the decision rule). A cluster with `n` val images, `e` of them misclassified, in
+a class whose `N` val images hold `E` errors, is a weak slice when
 
-* `n >= min_slice_size`, and
-* the lower bound of the exact (Clopper-Pearson) interval of its error rate, at the confidence
-  `1 - (1 - confidence) / m`, lies above its class's val error rate. `m` counts every cluster
-  tested in this diagnosis (all classes), a Bonferroni correction: with 10 classes × 5 clusters,
-  an uncorrected 95% bound would call about one cluster "weak" by chance even when errors are
-  spread uniformly.
+* `n >= min_slice_size`, and its error rate `e / n` is above the class's `E / N`, and
+* the one-sided exact test says the excess is no accident: if the class's `E` errors fell on its
+  val images at random, at least `e` of them would land in these `n` images with probability
+  `p = P(X >= e)`, X hypergeometric(N, E, n) (Fisher's exact test of the cluster against the rest
+  of its class), and `p < (1 - confidence) / (2 m)`.
 
-The exact interval decides instead of Wilson's because with a handful of val images and a rare
-error Wilson's lower bound is too high (a cluster of 5 with one error would beat a class rate of
-1%). The Wilson interval is still reported as the error rate's CI. Bounding above the class rate
-(which includes the cluster itself) is conservative: the cluster has to stand out against a rate
-it has itself pushed up.
+`m` counts every cluster tested in this diagnosis (all classes, only those with at least
+`min_slice_size` val images and only in classes split into two or more clusters): a Bonferroni
+correction, because with 10 classes × 5 clusters an uncorrected test calls about one cluster weak by
+chance even when errors are spread uniformly. The threshold is the tail of a two-sided interval at
+`confidence`, so at the default 0.95 it is 0.025 / m.
+
+Why this and not "the lower bound of a Wilson interval above the class rate": with a handful of val
+images and a rare error Wilson's lower bound is too high (a cluster of 5 with one error beats a
+class rate of 1%), and comparing against a class rate treated as known ignores that the rate is
+itself estimated from the same few images. The conditional test is exact at any size. For reading,
+each cluster still reports its Wilson interval (`error_ci`) and the exact Clopper-Pearson lower
+bound at the adjusted confidence (`decision_lower`).
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ class SliceReport:
     n_val_errors: int
     error_rate: float
     error_ci: list[float]  # Wilson, at `confidence`
-    decision_lower: float  # exact lower bound at the Bonferroni-adjusted confidence
+    decision_lower: float  # exact (Clopper-Pearson) lower bound at the Bonferroni-adjusted confidence
+    p_value: float  # one-sided, conditional on the class's errors (hypergeometric); 1.0 when untested
     class_error_rate: float
     mean_margin: float | None  # val: prob of the true class minus the best other class
     dominant_wrong_class: str | None
@@ -86,18 +93,23 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def cluster_embeddings(z: np.ndarray, cfg: DiagnoseConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster labels for every row of `z` (NOISE for HDBSCAN outliers) and one centre per cluster."""
+def cluster_embeddings(z: np.ndarray, cfg: DiagnoseConfig, seed: int,
+                       fit_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster labels for every row of `z` (NOISE for HDBSCAN outliers) and one centre per cluster.
+
+    Clusters are fitted on (a subsample of) `fit_rows`, all rows by default, then every row is assigned.
+    """
     n = z.shape[0]
     rng = np.random.default_rng(seed)
-    fit_idx = np.sort(rng.choice(n, size=min(n, cfg.max_fit_samples), replace=False))
+    pool = np.arange(n) if fit_rows is None else np.asarray(fit_rows)
+    fit_idx = np.sort(rng.choice(pool, size=min(pool.size, cfg.max_fit_samples), replace=False))
     zf = z[fit_idx]
-    if n < 2 * cfg.min_slice_size:
+    if fit_idx.size < 2 * cfg.min_slice_size:
         return np.zeros(n, dtype=int), z.mean(axis=0, keepdims=True)
     if cfg.cluster_method == "gmm":
         best, best_bic = None, np.inf
         # a component needs a few points per parameter; more components than that only overfit
-        for k in range(1, min(cfg.max_clusters, n // cfg.min_slice_size) + 1):
+        for k in range(1, min(cfg.max_clusters, fit_idx.size // cfg.min_slice_size) + 1):
             gmm = GaussianMixture(k, covariance_type="diag", reg_covar=1e-5, max_iter=200,
                                   random_state=seed).fit(zf)
             bic = gmm.bic(zf)
@@ -156,6 +168,8 @@ def training_exemplars(z_train: np.ndarray, train_ids: np.ndarray, centre: np.nd
 class _Cluster:
     report: SliceReport
     p_class: float
+    n_class: int  # val images of the class
+    e_class: int  # of which misclassified
 
 
 def find_slices(cfg: DiagnoseConfig, *, classes: list[str], val_labels: np.ndarray, val_preds: np.ndarray,
@@ -204,13 +218,13 @@ def find_slices(cfg: DiagnoseConfig, *, classes: list[str], val_labels: np.ndarr
             report = SliceReport(
                 slice_id=sid, class_index=k, class_name=name, cluster=int(j), n_train=int(in_t.sum()),
                 n_val=n_v, n_val_errors=e, error_rate=e / n_v if n_v else 0.0,
-                error_ci=list(wilson_interval(e, n_v, cfg.confidence)), decision_lower=0.0,
+                error_ci=list(wilson_interval(e, n_v, cfg.confidence)), decision_lower=0.0, p_value=1.0,
                 class_error_rate=p_class, mean_margin=float(margins.mean()) if n_v else None,
                 dominant_wrong_class=dom, dominant_wrong_count=dom_n, weak=False,
                 exemplar_ids=training_exemplars(zt, train_ids[ti], centre, zv[hard], cfg.n_exemplars),
                 val_error_ids=[str(x) for x in val_ids[vi[in_v & errors]][:50]],
             )
-            clusters.append(_Cluster(report, p_class))
+            clusters.append(_Cluster(report, p_class, int(vi.size), int(errors.sum())))
     _decide(cfg, clusters)
     weak_ids = [c.report.slice_id for c in clusters if c.report.weak]
     class_exemplars = {}
@@ -233,6 +247,8 @@ def _decide(cfg: DiagnoseConfig, clusters: list[_Cluster]) -> None:
     tail = (1 - cfg.confidence) / (2 * m)
     for c in tested:
         r = c.report
-        lower = float(stats.beta.ppf(tail, r.n_val_errors, r.n_val - r.n_val_errors + 1)) if r.n_val_errors else 0.0
-        r.decision_lower = lower
-        r.weak = lower > c.p_class
+        e, n = r.n_val_errors, r.n_val
+        r.decision_lower = float(stats.beta.ppf(tail, e, n - e + 1)) if e else 0.0
+        # P(at least e of the class's E errors land in these n of its N val images | errors exchangeable)
+        r.p_value = float(stats.hypergeom.sf(e - 1, c.n_class, c.e_class, n)) if e else 1.0
+        r.weak = r.p_value < tail and r.error_rate > c.p_class
