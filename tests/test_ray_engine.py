@@ -103,6 +103,10 @@ def test_ray_engine_runs_stable_diffusion_like_the_local_engine(ray_local, tmp_p
     assert len(_files(tmp_path / "ray")) == 5
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
     assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
+    class_mode = [dataclasses.replace(requests[0], mode="class", exemplar_ids=[])]
+    with pytest.raises(ConfigError, match=r"makes exemplar-mode images, not \['class'\]"):
+        run_generation(dataclasses.replace(cfg, engine="ray"), class_mode, train_images=images, train_labels=labels,
+                       train_ids=ids, classes=CLASSES, out_dir=tmp_path / "class", seed=7, progress=False)
 
 
 def test_missing_ray_names_the_extra(monkeypatch):

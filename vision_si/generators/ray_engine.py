@@ -161,8 +161,9 @@ def _source(ray: Any, generator: Generator, preset: dict[str, Any]) -> Generator
 
 
 def ray_generate_jobs(ray: Any, generator: Generator, preset: dict[str, Any], jobs: Sequence[ImageJob], *,
-                      exemplars: Mapping[str, np.ndarray], classifier_fn: Callable[..., Any] | None = None, classifier_scale: float = 0.0,
-                      num_actors: int | None = None, progress: bool = True) -> Iterator[tuple[ImageJob, np.ndarray, float]]:
+                      exemplars: Mapping[str, np.ndarray], classifier_fn: Callable[..., Any] | None = None,
+                      classifier_scale: float = 0.0, num_actors: int | None = None,
+                      progress: bool = True) -> Iterator[tuple[ImageJob, np.ndarray, float]]:
     """Like `runner.generate_jobs`, on an actor pool: yields (job, C×H×W image, seconds) as chunks finish."""
     if not jobs:
         return
@@ -215,6 +216,11 @@ def run_generation_ray(cfg: GenerateConfig, requests: Sequence[GenerationRequest
     exemplars = exemplar_lookup(jobs, train_images, train_ids)
     generator, preset = fit_generator(cfg, train_images=train_images, train_labels=train_labels, classes=classes,
                                       seed=seed, progress=progress)
+    supported = getattr(generator, "modes", None)  # checked here: an error inside an actor arrives wrapped
+    unsupported = sorted({j.mode for j in jobs} - set(supported)) if supported is not None else []
+    if unsupported:
+        raise ConfigError(f"generator {preset['backend']!r} (preset {preset['name']!r}) makes "
+                          f"{' or '.join(supported)}-mode images, not {unsupported}; change generate.mode or the preset")
 
     def expected(job: ImageJob, sha: str = "", seconds: float = 0.0) -> ManifestRow:
         return make_row(job, path=f"images/{job.id}.png", sha256=sha, preset=preset, generator=generator,
