@@ -31,7 +31,7 @@ def allocate(cfg, errors, val, train, slices=(), mode="exemplar"):
                            mode=mode, strength=0.4)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(total=st.integers(1, 500), floor=st.integers(0, 20), cap=st.floats(0.05, 1.0),
        errors=st.lists(st.integers(0, 30), min_size=5, max_size=5),
        train=st.lists(st.integers(1, 500), min_size=5, max_size=5))

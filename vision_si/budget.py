@@ -13,8 +13,8 @@ for the errors outside its weak slices. So a unit's score is `(e_u / n_val_c) ×
 the share of the class's val images it gets wrong, weighted by scarcity.
 
 Allocation. `budget_total` images are shared in proportion to the scores, with every unit at
-least `budget_floor` and at most `floor(budget_cap_fraction × total)` (water-filling: units that
-hit a bound are fixed and the rest is re-shared), then rounded to integers by largest remainder so
+least `budget_floor` and at most `floor(budget_cap_fraction × total)` (shares `clip(λ·score, floor, cap)`
+with λ found by bisection), then rounded to integers by largest remainder so
 the counts sum exactly to the total. When the caps leave images unplaced, class-level units of
 the other classes join (highest deficit first, then scarcest); when even every class at the cap
 cannot hold the total, the cap is raised to the smallest that can, and a note says so. When the
@@ -59,29 +59,25 @@ class Allocation:
 
 
 def water_fill(weights: np.ndarray, total: int, floor: float, cap: float) -> np.ndarray:
-    """Shares of `total` proportional to `weights`, each within [floor, cap]; needs n·floor ≤ total ≤ n·cap."""
-    n = weights.size
-    q = np.zeros(n)
-    fixed = np.zeros(n, dtype=bool)
-    for _ in range(n + 1):
-        free = ~fixed
-        if not free.any():
-            break
-        rem = total - q[fixed].sum()
-        w = weights[free] if weights[free].sum() > 0 else np.ones(int(free.sum()))
-        trial = q.copy()
-        trial[free] = rem * w / w.sum()
-        # caps first: fixing a unit at its cap frees images for the others; floors only take away
-        over = free & (trial > cap + 1e-12)
-        if over.any():
-            q[over], fixed = cap, fixed | over
-            continue
-        under = free & (trial < floor - 1e-12)
-        if under.any():
-            q[under], fixed = floor, fixed | under
-            continue
-        return trial
-    return q
+    """Shares `clip(λ·w, floor, cap)` with λ set so they sum to `total`; needs n·floor ≤ total ≤ n·cap.
+
+    The sum grows monotonically with λ, so bisection finds it. Zero weights get a vanishing weight:
+    such units stay at the floor unless the caps of all others force images onto them.
+    """
+    w = np.asarray(weights, dtype=float)
+    w = np.ones_like(w) if w.size and w.max() <= 0 else w
+    w = np.where(w > 0, w, (w.max() if w.size else 1.0) * 1e-9)
+
+    def placed(lam: float) -> float:
+        return float(np.clip(lam * w, floor, cap).sum())
+
+    lo, hi = 0.0, 1.0
+    while placed(hi) < total and hi < 1e300:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if placed(mid) < total else (lo, mid)
+    return np.clip(hi * w, floor, cap)
 
 
 def largest_remainder(shares: np.ndarray, total: int, cap: int, order: np.ndarray) -> np.ndarray:
