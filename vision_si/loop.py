@@ -21,6 +21,7 @@ import csv
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,23 @@ import numpy as np
 
 from vision_si.classifier import TrainedClassifier, load_classifier, predict, train_classifier
 from vision_si.config import RunConfig, load_config, save_config
-from vision_si.data import build_augmentation, load_images, load_source, make_splits, read_splits_csv, write_splits_csv
+from vision_si.data import (
+    build_augmentation,
+    load_images,
+    load_source,
+    make_splits,
+    read_splits_csv,
+    write_splits_csv,
+)
 from vision_si.data.images import load_image_files
-from vision_si.diagnose import Diagnosis, diagnose, write_diagnosis_plots
+from vision_si.diagnose import Diagnosis, diagnose
 from vision_si.errors import EvaluationInvariantError, RunDirError
 from vision_si.filter import FilterResult, filter_candidates
 from vision_si.gate import GateDecision, run_gate
 from vision_si.generators import GenerationRequest
 from vision_si.generators.runner import read_manifest, run_generation
 from vision_si.metrics import bootstrap_interval, classification_metrics
+from vision_si.plots import write_diagnosis_plots
 from vision_si.report import write_report
 from vision_si.rundir import (
     EventLog,
@@ -189,7 +198,7 @@ class Loop:
             return rd
         models = [load_classifier(rd / "round-00/train" / f"seed-{k}") for k in range(len(seeds))]
         critic = models[0]  # the frozen critic: trained on real data only, never retrained
-        if not self._stage("round-00/diagnose", lambda tmp: self.diagnose(data, pool, models[0], tmp)):
+        if not self._stage("round-00/diagnose", partial(self.diagnose, data, pool, models[0])):
             return rd
         diag = Diagnosis.load(rd / "round-00/diagnose")
 
@@ -203,13 +212,8 @@ class Loop:
                 break
             gen_dir = rd / tag / "generate"
 
-            def generate(tmp: Path, requests=requests, tag=tag) -> None:
-                run_generation(cfg.generate, requests, train_images=data.pixels("train"),
-                               train_labels=data.labels("train"), train_ids=data.ids("train"),
-                               classes=data.classes, out_dir=tmp, seed=cfg.seed, id_prefix=f"syn-r{tag[-2:]}",
-                               classifier_fn=None, progress=self.progress)
-
-            if not self._stage(f"{tag}/generate", generate, keep_partial=True):
+            if not self._stage(f"{tag}/generate", partial(self.generate, data, requests, f"syn-r{r:02d}"),
+                               keep_partial=True):
                 return rd
             rows = read_manifest(gen_dir / "manifest.jsonl")
             all_synthetic += [row.id for row in rows]
@@ -218,25 +222,20 @@ class Loop:
             cand_labels = np.asarray([row.class_index for row in rows], np.int64)
             cand_x = load_image_files([gen_dir / row.path for row in rows], cfg.data, channels=self.channels)
 
-            def filt(tmp: Path, cand_ids=cand_ids, cand_labels=cand_labels, cand_x=cand_x) -> None:
-                self.filter(data, pool, critic, models[0], cand_ids, cand_labels, cand_x, rows, tmp)
-
-            if not self._stage(f"{tag}/filter", filt):
+            if not self._stage(f"{tag}/filter", partial(self.filter, data, pool, critic, models[0], cand_ids,
+                                                        cand_labels, cand_x, rows)):
                 return rd
             fres = FilterResult.load(rd / tag / "filter")
             keep = np.isin(cand_ids, list(fres.accepted_ids))
-            new_ids = [i for i, k in zip(cand_ids, keep) if k]
-
-            def gate(tmp: Path, keep=keep, new_ids=new_ids, cand_x=cand_x, cand_labels=cand_labels) -> None:
-                self.gate(data, pool, models, new_ids, cand_labels[keep], cand_x[keep], diag, tmp)
-
-            if not self._stage(f"{tag}/gate", gate, keep_partial=True):
+            new_ids = [i for i, k in zip(cand_ids, keep, strict=True) if k]
+            if not self._stage(f"{tag}/gate", partial(self.gate, data, pool, models, new_ids, cand_labels[keep],
+                                                      cand_x[keep], diag), keep_partial=True):
                 return rd
             decision = GateDecision.load(rd / tag / "gate")
             if decision.accepted and new_ids:
                 pool.add(new_ids, cand_labels[keep], cand_x[keep])
                 models = [load_classifier(rd / tag / "gate" / f"candidate-{k}") for k in range(len(seeds))]
-                if not self._stage(f"{tag}/diagnose", lambda tmp: self.diagnose(data, pool, models[0], tmp)):
+                if not self._stage(f"{tag}/diagnose", partial(self.diagnose, data, pool, models[0])):
                     return rd
                 diag = Diagnosis.load(rd / tag / "diagnose")
                 rejected_in_a_row, adapt = 0, 0
@@ -249,7 +248,7 @@ class Loop:
                     self.echo(f"stopping: {rejected_in_a_row} rejected round(s) in a row (patience {cfg.loop.patience})")
                     break
 
-        if not self._stage("final", lambda tmp: self.final(data, pool, models[0], all_synthetic, tmp)):
+        if not self._stage("final", partial(self.final, data, pool, models[0], all_synthetic)):
             return rd
         self.write_summary(data)
         write_report(rd)
@@ -265,11 +264,18 @@ class Loop:
                         train_embeddings=train.embeddings, train_ids=data.ids("train"), seed=self.cfg.seed,
                         mode=self.cfg.generate.mode, strength=self.cfg.generate.strength)
         diag.save(out)
-        id_to_pos = {i: k for k, i in enumerate(data.ids("train"))}
-        train_x = data.pixels("train")
+        # exemplar grids show training exemplars and the val images the slice gets wrong
+        by_id = dict(zip(data.ids("train"), data.pixels("train"), strict=True))
+        by_id.update(zip(data.ids("val"), data.pixels("val"), strict=True))
         write_diagnosis_plots(diag, out, val_embeddings=val.embeddings, val_labels=data.labels("val"),
-                              train_embeddings=train.embeddings, train_labels=data.labels("train"),
-                              images_by_id=lambda i: train_x[id_to_pos[i]] if i in id_to_pos else None)
+                              val_probs=val.probs, seed=self.cfg.seed,
+                              images_by_id=by_id)
+
+    def generate(self, data: RealData, requests: list[GenerationRequest], id_prefix: str, out: Path) -> None:
+        run_generation(self.cfg.generate, requests, train_images=data.pixels("train"),
+                       train_labels=data.labels("train"), train_ids=data.ids("train"), classes=data.classes,
+                       out_dir=out, seed=self.cfg.seed, id_prefix=id_prefix, classifier_fn=None,
+                       progress=self.progress)
 
     def requests(self, diag: Diagnosis, adapt: int) -> list[GenerationRequest]:
         out = []

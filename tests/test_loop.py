@@ -1,0 +1,149 @@
+"""The closed loop end to end on a tiny real dataset (scikit-learn digits), and resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vision_si.config import config_from_dict
+from vision_si.errors import EvaluationInvariantError
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"source": "digits", "image_size": 16, "max_per_class": 40, "augment": "light"},
+    "classifier": {"arch": "resnet10t", "steps": 30, "batch_size": 32, "warmup_steps": 3, "eval_every": 10,
+                   "predict_batch_size": 128, "model_kwargs": {}},
+    "diagnose": {"budget_total": 24, "n_bootstrap": 200, "max_clusters": 3, "min_slice_size": 3},
+    "generate": {"preset": "tiny", "mode": "exemplar", "strength": 0.5, "batch_size": 16},
+    "gate": {"n_bootstrap": 200},
+    "loop": {"max_rounds": 1, "patience": 1},
+}
+
+
+def tiny_config(tmp_path: Path, **over):
+    data = json.loads(json.dumps(TINY))
+    data["output_dir"] = str(tmp_path / "runs")
+    data["data"]["cache_dir"] = str(tmp_path / "cache")
+    data["generate"]["cache_dir"] = str(tmp_path / "cache" / "generators")
+    for key, value in over.items():
+        section, name = key.split("__")
+        data[section][name] = value
+    return config_from_dict(data)
+
+
+def metrics_of(run_dir: Path) -> dict:
+    s = json.loads((run_dir / "summary.json").read_text())
+    return {"test": s["test"], "rounds": [{k: r[k] for k in ("generated", "accepted_by_filter", "rejected_by_filter")}
+                                          | {"gate": r["gate"]["decision"]} for r in s["rounds"]]}
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same threads, same floats
+
+
+def vsi(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "vision_si.cli", *args], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from vision_si.config import save_config
+
+    tmp = tmp_path_factory.mktemp("loop")
+    cfg = tiny_config(tmp)
+    save_config(cfg, tmp / "tiny.yaml")
+    start = time.time()
+    out = vsi("run", str(tmp / "tiny.yaml"), "--quiet")
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = list((tmp / "runs").iterdir())
+    return tmp, cfg, run_dir, time.time() - start
+
+
+def test_loop_runs_end_to_end_and_writes_the_contract_files(finished_run):
+    _tmp, _cfg, run_dir, _seconds = finished_run
+    for name in ("config.yaml", "env.json", "splits.csv", "summary.json", "report.html", "events.jsonl"):
+        assert (run_dir / name).is_file(), name
+    for stage in ("round-00/train", "round-00/diagnose", "round-01/generate", "round-01/filter", "round-01/gate",
+                  "final"):
+        assert (run_dir / stage).is_dir(), stage
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert set(s) >= {"dataset", "classes", "rounds", "test", "timings_s", "synthetic_in_eval_splits"}
+    assert s["synthetic_in_eval_splits"] == 0
+    assert len(s["classes"]) == 10
+    r1 = s["rounds"][0]
+    assert r1["generated"] == 24
+    assert r1["accepted_by_filter"] + sum(r1["rejected_by_filter"].values()) == r1["generated"]
+    assert r1["gate"]["decision"] in ("accepted", "rejected")
+    for side in ("baseline", "final"):
+        assert set(s["test"][side]) >= {"accuracy", "balanced_accuracy", "macro_f1", "per_class"}
+    # synthetic ids never appear in splits.csv, which lists real images only
+    splits = (run_dir / "splits.csv").read_text()
+    assert "syn-" not in splits
+
+
+def test_test_split_is_evaluated_exactly_once(finished_run):
+    _tmp, _cfg, run_dir, _s = finished_run
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "test_evaluated" for e in events) == 1
+    last_other = max(i for i, e in enumerate(events) if e["event"] == "stage_start" and e["stage"] != "final")
+    first_test = next(i for i, e in enumerate(events) if e["event"] == "test_evaluated")
+    assert first_test > last_other
+
+
+def test_invariant_trips_when_a_synthetic_image_is_put_into_val(finished_run):
+    from vision_si.config import load_config
+    from vision_si.loop import Loop
+
+    _tmp, _cfg, run_dir, _s = finished_run
+    loop = Loop(load_config(run_dir / "config.yaml"), run_dir, progress=False, echo=lambda _m: None)
+    data = loop.load_data()
+    val_id = data.ids("val")[0]
+    with pytest.raises(EvaluationInvariantError, match="synthetic"):
+        loop.check_invariants(data, ["syn-r01-000000", val_id])
+    val_sha = data.sha256("test")[0]
+    with pytest.raises(EvaluationInvariantError):
+        loop.check_invariants(data, ["syn-r01-000001"], [val_sha])
+    assert loop.check_invariants(data, ["syn-r01-000002"], ["0" * 64]) == 0
+
+
+def _kill_when(run_dir_parent: Path, pattern: str, proc: subprocess.Popen, timeout: float = 240) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if list(run_dir_parent.glob(pattern)):
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["*/round-01/generate.tmp/images/*.png", "*/round-01/gate.tmp/*"])
+def test_kill_then_resume_reproduces_the_uninterrupted_run(finished_run, tmp_path, pattern):
+    _tmp, cfg, reference, _s = finished_run
+    # same data cache (no re-decoding) and generator cache (no retraining); its own run directory
+    cfg_path = tmp_path / "tiny.yaml"
+    data = yaml.safe_load((reference / "config.yaml").read_text())
+    data["output_dir"] = str(tmp_path / "runs")
+    cfg_path.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, "-m", "vision_si.cli", "run", str(cfg_path), "--quiet"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = _kill_when(tmp_path / "runs", pattern, proc)
+    assert killed, "the run finished before the kill point was reached"
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    assert not (run_dir / "summary.json").exists()
+    out = vsi("resume", str(run_dir), "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert metrics_of(run_dir) == metrics_of(reference)
+    # no image lost or duplicated: manifest rows and files agree one to one
+    gen = run_dir / "round-01/generate"
+    rows = [json.loads(line) for line in (gen / "manifest.jsonl").read_text().splitlines()]
+    assert len({r["id"] for r in rows}) == len(rows) == 24
+    assert sorted(p.name for p in (gen / "images").iterdir()) == sorted(Path(r["path"]).name for r in rows)
