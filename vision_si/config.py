@@ -29,6 +29,7 @@ class SplitConfig:
     val_fraction: float = 0.2  # share of what remains after `test` is taken out
     use_source_split: bool = False  # honour a split the source ships (MedMNIST .npz)
     group_by: str | None = None  # metadata key that groups samples (patient, module); None: source's own
+    seed: int | None = None  # seed of the split alone (None: the run's seed), so seeds can vary over one split
 
 
 @dataclass
@@ -374,6 +375,7 @@ def validate_config(cfg: RunConfig) -> None:
     _check(d.max_per_class is None or d.max_per_class >= 3, "data.max_per_class", d.max_per_class, ">= 3")
     _check(0 < s.test_fraction < 0.9, "data.split.test_fraction", s.test_fraction, "0 < x < 0.9")
     _check(0 < s.val_fraction < 0.9, "data.split.val_fraction", s.val_fraction, "0 < x < 0.9")
+    _check(s.seed is None or s.seed >= 0, "data.split.seed", s.seed, ">= 0 or null")
     _check(1 <= c.steps <= 10_000_000, "classifier.steps", c.steps, "1 to 10,000,000")
     _check(1 <= c.batch_size <= 65536, "classifier.batch_size", c.batch_size, "1 to 65536")
     _check(0 < c.lr <= 10, "classifier.lr", c.lr, "0 < x <= 10")

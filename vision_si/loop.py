@@ -35,6 +35,7 @@ from vision_si.data import (
     load_source,
     make_splits,
     read_splits_csv,
+    split_groups,
     write_splits_csv,
 )
 from vision_si.data.images import load_image_files
@@ -51,6 +52,7 @@ from vision_si.rundir import (
     EventLog,
     RunLock,
     atomic_write_json,
+    atomic_write_text,
     environment_info,
     is_complete,
     new_run_dir,
@@ -139,8 +141,13 @@ class Loop:
         if path.exists():
             splits = read_splits_csv(path, table)
         else:
-            splits = make_splits(table, cfg.data.split, cfg.seed)
-            write_splits_csv(table, splits, path)
+            split_seed = cfg.seed if cfg.data.split.seed is None else cfg.data.split.seed
+            splits = make_splits(table, cfg.data.split, split_seed)
+            write_splits_csv(table, splits, path, groups=split_groups(table, cfg.data.split))
+        if table.skipped:  # images dropped by `on_bad_image: skip`, kept on record with their reason
+            lines = ["path,reason"] + [f'"{r["path"]}","{r["reason"]}"' for r in table.skipped]
+            atomic_write_text(self.run_dir / "skipped_images.csv", "\n".join(lines) + "\n")
+            self.echo(f"data: {len(table.skipped)} bad image(s) skipped (skipped_images.csv)")
         index = {s: np.flatnonzero(splits == s) for s in ("train", "val", "test")}
         data = RealData(cfg, table, splits, list(table.classes), index)
         self.channels = int(data.pixels("train").shape[1])
@@ -374,7 +381,7 @@ class Loop:
         keys = ("accuracy", "balanced_accuracy", "macro_f1", "accuracy_ci", "balanced_accuracy_ci", "macro_f1_ci",
                 "per_class", "confusion")
         summary = {
-            "dataset": {"name": cfg.data.source, "n_images": len(data.table),
+            "dataset": {"name": cfg.data.source, "n_images": len(data.table), "skipped_images": len(data.table.skipped),
                         "splits": {s: int(len(v)) for s, v in data.index.items()}, "per_class": per_class},
             "classes": data.classes,
             "rounds": rounds,
