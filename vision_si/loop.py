@@ -219,7 +219,7 @@ class Loop:
                 break
             gen_dir = rd / tag / "generate"
 
-            if not self._stage(f"{tag}/generate", partial(self.generate, data, requests, f"syn-r{r:02d}"),
+            if not self._stage(f"{tag}/generate", partial(self.generate, data, requests, f"syn-r{r:02d}", models[0]),
                                keep_partial=True):
                 return rd
             rows = read_manifest(gen_dir / "manifest.jsonl")
@@ -278,10 +278,13 @@ class Loop:
                               val_probs=val.probs, seed=self.cfg.seed,
                               images_by_id=by_id)
 
-    def generate(self, data: RealData, requests: list[GenerationRequest], id_prefix: str, out: Path) -> None:
+    def generate(self, data: RealData, requests: list[GenerationRequest], id_prefix: str,
+                 current: TrainedClassifier, out: Path) -> None:
+        # guided mode steers sampling with the gradient of the model being improved (never the critic)
+        guide = current.logits if any(q.mode == "guided" for q in requests) else None
         run_generation(self.cfg.generate, requests, train_images=data.pixels("train"),
                        train_labels=data.labels("train"), train_ids=data.ids("train"), classes=data.classes,
-                       out_dir=out, seed=self.cfg.seed, id_prefix=id_prefix, classifier_fn=None,
+                       out_dir=out, seed=self.cfg.seed, id_prefix=id_prefix, classifier_fn=guide,
                        progress=self.progress)
 
     def requests(self, diag: Diagnosis, adapt: int) -> list[GenerationRequest]:
