@@ -37,6 +37,14 @@ trained on real training data only and frozen (by default round 0's), never the 
 improved this round; the loop passes its probabilities and embeddings in. Pixel similarity is
 defined in `vision_si.similarity`.
 
+Choosing the near-copy thresholds. The defaults (cosine 0.98, pixel correlation 0.95 at 16 px)
+call "near-copy" what differs from a real image by noise carrying at most ~10 % of its variance.
+Some data sets hold real images that close to each other: at 16 px, 16 % of 800 ELPV cells have
+another cell correlating ≥ 0.95 (3 % ≥ 0.98), and half of the 8×8 digits do. There, set
+`memorisation_percentile` (e.g. 99: a candidate is memorised when it is closer to a training image
+than 99 % of real training images are to their nearest other one) or raise the pixel thresholds;
+`filter.json` reports both distributions (`closest_real`) so the choice can be checked.
+
 `reviews` (id → accept|reject, from the run's `reviews.csv`) override decisions: a rejected
 candidate a human accepts is accepted (its reason kept, `overridden` true), an accepted one a
 human rejects is rejected with reason `human_review`; a `leak` is never overridden.
