@@ -7,6 +7,7 @@ with the traceback written to a file whose path is printed.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import tempfile
@@ -24,6 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set classifier.steps=200 (repeatable).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or stage lines; only the result.")
 DEMO_CONFIG = "configs/demo.yaml"
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _echo(quiet: bool):
@@ -210,6 +212,13 @@ def main() -> None:
     except Exception as exc:
         if hasattr(exc, "exit_code") and hasattr(exc, "show"):  # click's usage errors
             exc.show()
+            sys.exit(2)
+        if isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+            # a full disk or an unwritable folder: the user's to fix; stage folders are renamed only
+            # when complete, so what was complete stays intact
+            where = f" '{exc.filename}'" if exc.filename else ""
+            typer.echo(f"error: {exc.strerror}{where}; complete stages are intact, `vsi resume` continues "
+                       "once this is fixed", err=True)
             sys.exit(2)
         fd, path = tempfile.mkstemp(prefix="vsi-error-", suffix=".txt")
         with os.fdopen(fd, "w") as fh:

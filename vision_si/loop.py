@@ -18,6 +18,9 @@ not simply repeat what the gate refused.
 from __future__ import annotations
 
 import csv
+import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,9 +41,9 @@ from vision_si.data import (
     split_groups,
     write_splits_csv,
 )
-from vision_si.data.images import load_image_files
+from vision_si.data.images import load_image_files, run_channels
 from vision_si.diagnose import Diagnosis, diagnose
-from vision_si.errors import EvaluationInvariantError, RunDirError
+from vision_si.errors import ConfigError, EvaluationInvariantError, InputError, RunDirError
 from vision_si.filter import FilterResult, filter_candidates
 from vision_si.gate import GateDecision, run_gate
 from vision_si.generators import GenerationRequest
@@ -59,6 +62,7 @@ from vision_si.rundir import (
     read_json,
     stage_dir,
 )
+from vision_si.similarity import max_similarity, pixel_vectors
 
 STAGES = ("train", "diagnose", "generate", "filter", "gate", "final")
 
@@ -137,8 +141,10 @@ class Loop:
     def load_data(self) -> RealData:
         cfg = self.cfg
         table = load_source(cfg.data, cfg.seed)
+        check_resources(cfg, len(table), run_channels(table, cfg.data), self.run_dir)
         path = self.run_dir / "splits.csv"
         if path.exists():
+            self.check_splits_file(path)
             splits = read_splits_csv(path, table)
         else:
             split_seed = cfg.seed if cfg.data.split.seed is None else cfg.data.split.seed
@@ -166,6 +172,10 @@ class Loop:
             extra_images=pool_x if len(pool_y) else None, extra_labels=pool_y if len(pool_y) else None,
             extra_ids=pool.ids or None, augment=self._augment(seed), progress=self.progress)
 
+    def load_model(self, path: Path, data: RealData) -> TrainedClassifier:
+        # a checkpoint swapped in from another run (other arch or class list) is refused, naming the file
+        return load_classifier(path, self.cfg.classifier.device, arch=self.cfg.classifier.arch, classes=data.classes)
+
     def model_seeds(self) -> list[int]:
         return [self.cfg.seed + k for k in range(self.cfg.gate.seeds)]
 
@@ -185,6 +195,39 @@ class Loop:
                 f"{bad} synthetic image(s) found in the val/test splits of {self.run_dir}; the run is stopped")
         return bad
 
+    def check_splits_file(self, path: Path) -> None:
+        """`splits.csv` lists real images only: a row with a synthetic id or sha256 stops the run."""
+        syn_ids, syn_sha = set(), set()
+        for manifest in sorted(self.run_dir.glob("round-*/generate*/manifest.jsonl")):
+            for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash
+                    continue
+                syn_ids.add(str(row.get("id")))
+                syn_sha.add(str(row.get("sha256")))
+        for row in read_splits_csv(path):
+            if row["id"] in syn_ids or row["id"].startswith("syn-") or row["sha256"] in syn_sha:
+                raise EvaluationInvariantError(
+                    f"{path}: row '{row['id']}' (split {row['split']}) is a synthetic image (by id or sha256); "
+                    "splits.csv must list real images only; the run is stopped")
+
+    def check_near_copies(self, data: RealData, images: np.ndarray, ids: list[str]) -> None:
+        """No synthetic image about to count in an evaluation is a near-copy (pixels) of a val/test image."""
+        if not len(images):
+            return
+        eval_x = np.concatenate([data.pixels("val"), self._test_pixels_for_leak_check(data, "invariant check")])
+        size = min(self.cfg.filter.pixel_size, self.cfg.data.image_size)  # as the leakage filter compares
+        sims, where = max_similarity(pixel_vectors(images, size), pixel_vectors(eval_x, size))
+        bad = np.flatnonzero(sims >= self.cfg.filter.leak_pixel)
+        if len(bad):
+            eval_ids = data.ids("val") + data.ids("test")
+            i = int(bad[0])
+            raise EvaluationInvariantError(
+                f"synthetic image '{ids[i]}' is a near-copy of evaluation image '{eval_ids[where[i]]}' "
+                f"(pixel correlation {sims[i]:.3f} >= filter.leak_pixel {self.cfg.filter.leak_pixel}) "
+                f"in {self.run_dir}; the run is stopped")
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> Path:
         cfg, rd = self.cfg, self.run_dir
@@ -203,7 +246,7 @@ class Loop:
 
         if not self._stage("round-00/train", train0, keep_partial=True):
             return rd
-        models = [load_classifier(rd / "round-00/train" / f"seed-{k}") for k in range(len(seeds))]
+        models = [self.load_model(rd / "round-00/train" / f"seed-{k}", data) for k in range(len(seeds))]
         critic = models[0]  # the frozen critic: trained on real data only, never retrained
         if not self._stage("round-00/diagnose", partial(self.diagnose, data, pool, models[0])):
             return rd
@@ -241,7 +284,7 @@ class Loop:
             decision = GateDecision.load(rd / tag / "gate")
             if decision.accepted and new_ids:
                 pool.add(new_ids, cand_labels[keep], cand_x[keep])
-                models = [load_classifier(rd / tag / "gate" / f"candidate-{k}") for k in range(len(seeds))]
+                models = [self.load_model(rd / tag / "gate" / f"candidate-{k}", data) for k in range(len(seeds))]
                 if not self._stage(f"{tag}/diagnose", partial(self.diagnose, data, pool, models[0])):
                     return rd
                 diag = Diagnosis.load(rd / tag / "diagnose")
@@ -322,10 +365,10 @@ class Loop:
             pool_emb=pool_emb, reviews=read_reviews(self.run_dir / "reviews.csv"), seed=self.cfg.seed)
         res.save(out)
 
-    def _test_pixels_for_leak_check(self, data: RealData) -> np.ndarray:
+    def _test_pixels_for_leak_check(self, data: RealData, purpose: str = "leakage check") -> np.ndarray:
         # The leakage filter compares candidates with test *pixels* (never labels, never a model's
         # predictions); this read is recorded apart from the one evaluation of `test`.
-        self.events.write("test_pixels_read", purpose="leakage check")
+        self.events.write("test_pixels_read", purpose=purpose)
         return data.pixels("test")
 
     def gate(self, data: RealData, pool: Pool, models: list[TrainedClassifier], new_ids: list[str],
@@ -334,6 +377,7 @@ class Loop:
         baseline_preds = np.stack([self._predict(m, val_x).probs.argmax(1) for m in models])
         pool_x, pool_y = pool.arrays(self.channels, self.cfg.data.image_size)
         self.check_invariants(data, pool.ids + new_ids)
+        self.check_near_copies(data, np.concatenate([pool_x, new_x]) if len(pool_x) else new_x, pool.ids + new_ids)
         weak = sorted({a.class_index for a in diag.budget}) or None
         decision = run_gate(
             self.cfg.gate, self.cfg.classifier, train_images=data.pixels("train"), train_labels=data.labels("train"),
@@ -345,11 +389,19 @@ class Loop:
 
     def final(self, data: RealData, pool: Pool, model: TrainedClassifier, synthetic_ids: list[str], out: Path) -> None:
         self.check_invariants(data, synthetic_ids)
-        if any(e.get("event") == "test_evaluated" for e in self.events.read()):
-            raise EvaluationInvariantError(f"`test` of {self.run_dir} was already evaluated once; refusing again")
-        self.events.write("test_evaluated", models=["baseline", "final"])
+        pool_x, _ = pool.arrays(self.channels, self.cfg.data.image_size)
+        self.check_near_copies(data, pool_x, pool.ids)
+        baseline = self.load_model(self.run_dir / "round-00/train/seed-0", data)
+        # A kill during this stage may redo the same evaluation (same two checkpoints); evaluating
+        # any other model on `test` after it has been read is refused.
+        checkpoints = [baseline.checkpoint_sha256, model.checkpoint_sha256]
+        earlier = [e for e in self.events.read() if e.get("event") == "test_evaluated"]
+        if any(e.get("checkpoints") != checkpoints for e in earlier):
+            raise EvaluationInvariantError(f"`test` of {self.run_dir} was already evaluated once, with other models; "
+                                           "refusing again")
+        if not earlier:
+            self.events.write("test_evaluated", models=["baseline", "final"], checkpoints=checkpoints)
         test_x, test_y = data.pixels("test"), data.labels("test")
-        baseline = load_classifier(self.run_dir / "round-00/train/seed-0")
         result = {"n_images": int(len(test_y)), "synthetic_in_eval_splits": 0}
         for name, clf in (("baseline", baseline), ("final", model)):
             preds = self._predict(clf, test_x).probs.argmax(1)
@@ -401,28 +453,77 @@ def read_reviews(path: Path) -> dict[str, str] | None:
     if not path.exists():
         return None
     out = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        for n, row in enumerate(csv.DictReader(fh), start=2):
-            if not row.get("id") or row.get("verdict") not in ("accept", "reject"):
-                raise RunDirError(f"{path}: line {n} needs an id and a verdict of 'accept' or 'reject', got {row}")
-            out[row["id"]] = row["verdict"]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RunDirError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for n, row in enumerate(csv.DictReader(text.splitlines()), start=2):
+        if not row.get("id") or row.get("verdict") not in ("accept", "reject"):
+            raise RunDirError(f"{path}: line {n} needs an id and a verdict of 'accept' or 'reject', got {row}")
+        out[row["id"]] = row["verdict"]
     return out
 
 
 def run_loop(cfg: RunConfig, run_dir: Path | None = None, *, progress: bool = True,
              echo: Callable[[str], None] = print, until: str | None = None) -> Path:
     """Start a run (a new directory under `cfg.output_dir` unless `run_dir` is given) and execute it."""
+    created = run_dir is None or not Path(run_dir).exists()
     if run_dir is None:
         run_dir = new_run_dir(cfg.output_dir, cfg.name)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        if not (run_dir / "config.yaml").exists():
-            save_config(cfg, run_dir / "config.yaml")
-            from vision_si.classifier import resolve_device
+    try:
+        with RunLock(run_dir):
+            if not (run_dir / "config.yaml").exists():
+                from vision_si.classifier import resolve_device
 
-            atomic_write_json(run_dir / "env.json", environment_info(cfg.seed, str(resolve_device(cfg.classifier.device))))
-        return Loop(cfg, run_dir, progress=progress, echo=echo, until=until).run()
+                env = environment_info(cfg.seed, str(resolve_device(cfg.classifier.device)))
+                save_config(cfg, run_dir / "config.yaml.tmp")  # atomic: a kill never leaves half a config
+                os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
+                atomic_write_json(run_dir / "env.json", env)
+            return Loop(cfg, run_dir, progress=progress, echo=echo, until=until).run()
+    except InputError:
+        # Bad input found while setting up a new run (data, checkpoints, resources): no stage is
+        # complete, so the directory holds nothing worth keeping and is removed, not left half-written.
+        if created and not _has_complete_stage(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _has_complete_stage(run_dir: Path) -> bool:
+    return (run_dir / "final").is_dir() or any(p.is_dir() for p in run_dir.glob("round-*/*") if p.suffix != ".tmp")
+
+
+def check_resources(cfg: RunConfig, n_images: int, channels: int, run_dir: Path) -> None:
+    """Refuse before any work a run whose images cannot fit on disk or in memory (an upper estimate).
+
+    Disk: one round's `diagnose.budget_total` PNGs, each at most C×H×(W+1) bytes (8 bits, a filter
+    byte per row, zlib's stored blocks) plus 1 KB of headers. Memory: the real images and one round
+    of candidates as float32 C×H×W, candidates counted twice (their array and the filters' copies).
+    """
+    px = channels * cfg.data.image_size ** 2
+    budget = cfg.diagnose.budget_total
+    png = budget * (channels * cfg.data.image_size * (cfg.data.image_size + 1) * 1.001 + 1024)
+    free = shutil.disk_usage(run_dir).free
+    if png > free:
+        raise ConfigError(f"diagnose.budget_total={budget}: one round of {budget} images of "
+                         f"{channels}x{cfg.data.image_size}x{cfg.data.image_size} needs up to {png / 1e9:.1f} GB "
+                         f"on disk, but {run_dir} has {free / 1e9:.1f} GB free; lower the budget or data.image_size")
+    try:
+        import psutil
+    except ImportError:  # no reliable figure for free memory: the disk check alone
+        return
+    available = psutil.virtual_memory().available
+    real, synthetic = n_images * px * 4, 2 * budget * px * 4
+    if real > available:
+        raise ConfigError(f"data.image_size={cfg.data.image_size}: {n_images} real images of {channels}x"
+                         f"{cfg.data.image_size}x{cfg.data.image_size} need {real / 1e9:.1f} GB of memory, "
+                         f"{available / 1e9:.1f} GB is available; lower data.image_size or data.max_per_class")
+    if real + synthetic > available:
+        raise ConfigError(f"diagnose.budget_total={budget}: {budget} candidate images of {channels}x"
+                         f"{cfg.data.image_size}x{cfg.data.image_size} need {synthetic / 1e9:.1f} GB of memory "
+                         f"besides the real images' {real / 1e9:.1f} GB; {available / 1e9:.1f} GB is available; "
+                         "lower the budget or data.image_size")
 
 
 def resume(run_dir: Path, *, progress: bool = True, echo: Callable[[str], None] = print,
