@@ -40,7 +40,7 @@ def plot_confusion(diag: Diagnosis, path: Path) -> Path:
     k = cm.shape[0]
     rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     size = max(4.0, 0.45 * k + 2)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
     for ax, mat, title, fmt in ((axes[0], cm, "counts", "{:.0f}"), (axes[1], rows, "row-normalised (recall)", "{:.2f}")):
         im = ax.imshow(mat, cmap="Blues", vmin=0)
         ax.set(title=title, xlabel="predicted", ylabel="true", xticks=range(k), yticks=range(k))
