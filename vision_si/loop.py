@@ -47,6 +47,7 @@ from vision_si.errors import ConfigError, EvaluationInvariantError, InputError, 
 from vision_si.filter import FilterResult, filter_candidates
 from vision_si.gate import GateDecision, run_gate
 from vision_si.generators import GenerationRequest
+from vision_si.generators.presets import resolve_preset
 from vision_si.generators.runner import read_manifest, run_generation
 from vision_si.metrics import bootstrap_interval, classification_metrics
 from vision_si.plots import write_diagnosis_plots
@@ -140,7 +141,11 @@ class Loop:
     # ------------------------------------------------------------------ data
     def load_data(self) -> RealData:
         cfg = self.cfg
-        table = load_source(cfg.data, cfg.seed)
+        try:  # an unknown generator preset is named now, not after round 0's training
+            resolve_preset(cfg.generate)
+        except ConfigError as exc:
+            raise ConfigError(f"generate.preset: {exc}") from None
+        table = load_source(cfg.data, cfg.seed, progress=self.progress)
         check_resources(cfg, len(table), run_channels(table, cfg.data), self.run_dir)
         path = self.run_dir / "splits.csv"
         if path.exists():
@@ -507,8 +512,9 @@ def check_resources(cfg: RunConfig, n_images: int, channels: int, run_dir: Path)
     free = shutil.disk_usage(run_dir).free
     if png > free:
         raise ConfigError(f"diagnose.budget_total={budget}: one round of {budget} images of "
-                         f"{channels}x{cfg.data.image_size}x{cfg.data.image_size} needs up to {png / 1e9:.1f} GB "
-                         f"on disk, but {run_dir} has {free / 1e9:.1f} GB free; lower the budget or data.image_size")
+                          f"{channels}x{cfg.data.image_size}x{cfg.data.image_size} needs up to {png / 1e9:.1f} GB "
+                          f"on disk, but {run_dir.parent} has {free / 1e9:.1f} GB free; lower the budget or "
+                          "data.image_size")
     try:
         import psutil
     except ImportError:  # no reliable figure for free memory: the disk check alone
@@ -517,13 +523,13 @@ def check_resources(cfg: RunConfig, n_images: int, channels: int, run_dir: Path)
     real, synthetic = n_images * px * 4, 2 * budget * px * 4
     if real > available:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: {n_images} real images of {channels}x"
-                         f"{cfg.data.image_size}x{cfg.data.image_size} need {real / 1e9:.1f} GB of memory, "
-                         f"{available / 1e9:.1f} GB is available; lower data.image_size or data.max_per_class")
+                          f"{cfg.data.image_size}x{cfg.data.image_size} need {real / 1e9:.1f} GB of memory, "
+                          f"{available / 1e9:.1f} GB is available; lower data.image_size or data.max_per_class")
     if real + synthetic > available:
         raise ConfigError(f"diagnose.budget_total={budget}: {budget} candidate images of {channels}x"
-                         f"{cfg.data.image_size}x{cfg.data.image_size} need {synthetic / 1e9:.1f} GB of memory "
-                         f"besides the real images' {real / 1e9:.1f} GB; {available / 1e9:.1f} GB is available; "
-                         "lower the budget or data.image_size")
+                          f"{cfg.data.image_size}x{cfg.data.image_size} need {synthetic / 1e9:.1f} GB of memory "
+                          f"besides the real images' {real / 1e9:.1f} GB; {available / 1e9:.1f} GB is available; "
+                          "lower the budget or data.image_size")
 
 
 def resume(run_dir: Path, *, progress: bool = True, echo: Callable[[str], None] = print,
