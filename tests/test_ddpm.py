@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 
 from vision_si.errors import DataError
 from vision_si.generators import create_generator, load_preset
-from vision_si.generators.ddpm import DDPMGenerator, build_unet, denoising_loss, train_unet
+from vision_si.generators.ddpm import DDPMGenerator, build_unet, denoising_loss, noise_schedule, train_unet
 from vision_si.generators.pipeline import ClassConditionalPipeline, make_scheduler
 from vision_si.generators.presets import generator_kwargs
 
@@ -44,7 +44,7 @@ def test_training_lowers_the_denoising_loss_on_a_fixed_batch():
     cfg = {**tiny().settings()["train"], "steps": 40}
     torch.manual_seed(0)
     unet = build_unet(2, 1, 16, tiny().settings()["unet"])
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg["beta_schedule"])
+    sched = noise_schedule(cfg)
     x = torch.from_numpy(images) * 2 - 1
     y = torch.from_numpy(labels)
 

@@ -42,8 +42,9 @@ def test_shipped_presets_load_and_validate():
 
 
 def test_unknown_preset_name_lists_known_presets():
-    with pytest.raises(ConfigError, match=r"unknown generator preset 'qiuck'; known: full, quick, tiny"):
+    with pytest.raises(ConfigError, match=r"unknown generator preset 'qiuck'; known: ") as err:
         load_preset("qiuck")
+    assert all(name in str(err.value) for name in ("full", "quick", "tiny"))
 
 
 def test_preset_from_path_and_bad_values_name_the_key(tmp_path):

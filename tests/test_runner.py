@@ -19,6 +19,7 @@ from vision_si.generators.runner import (
     read_manifest,
     regenerate,
     run_generation,
+    verify_folder,
 )
 
 CLASSES = ["dark", "bright"]
@@ -85,6 +86,11 @@ def test_manifest_rows_regenerate_their_images(data, cache, tmp_path):
         np.testing.assert_array_equal(again, on_disk)
     with pytest.raises(DataError, match="needs exemplar"):
         regenerate(rows[3], gen, rows=rows)
+    assert verify_folder(tmp_path, gen, exemplars=exemplars) == {"no_row": [], "bad_file": [], "differs": []}
+    (tmp_path / "images" / "stray.png").write_bytes((tmp_path / rows[0].path).read_bytes())
+    (tmp_path / rows[2].path).write_bytes((tmp_path / rows[1].path).read_bytes())
+    assert verify_folder(tmp_path, gen, exemplars=exemplars) == {"no_row": ["stray"], "bad_file": [rows[2].id],
+                                                                 "differs": []}
 
 
 def test_resume_skips_finished_ids_and_repairs_missing_or_corrupt_files(data, cache, tmp_path):

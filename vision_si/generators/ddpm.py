@@ -47,6 +47,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 600, "batch_size": 32, "lr": 2e-3, "warmup_steps": 50, "weight_decay": 0.0, "grad_clip": 1.0,
     "ema_decay": 0.999, "cfg_dropout": 0.1, "class_balance": 0.5, "augment": {"hflip": False, "vflip": False},
     "checkpoint_every": 200, "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",
 }
 SAMPLE_DEFAULTS: dict[str, Any] = {"sampler": "dpmsolver++", "steps": 15, "guidance_scale": 2.0}
 CACHE_VERSION = "vision_si-ddpm-1"
@@ -136,6 +137,10 @@ class DDPMGenerator:
         _check(0 < float(train["ema_decay"]) < 1, p, "train.ema_decay", train["ema_decay"], "0 < x < 1")
         _check(0 <= float(train["cfg_dropout"]) < 1, p, "train.cfg_dropout", train["cfg_dropout"], "0 <= x < 1")
         _check(0 <= float(train["class_balance"]) <= 1, p, "train.class_balance", train["class_balance"], "0 to 1")
+        _check(train["prediction_type"] in ("epsilon", "v_prediction"), p, "train.prediction_type",
+               train["prediction_type"], "epsilon or v_prediction")
+        _check(train["beta_schedule"] in ("linear", "scaled_linear", "squaredcos_cap_v2"), p, "train.beta_schedule",
+               train["beta_schedule"], "linear, scaled_linear or squaredcos_cap_v2")
         _check(int(train["checkpoint_every"]) >= 1, p, "train.checkpoint_every", train["checkpoint_every"], ">= 1")
         _check(sample["sampler"] in SAMPLERS, p, "sample.sampler", sample["sampler"], ", ".join(SAMPLERS))
         _check(isinstance(sample["steps"], int) and sample["steps"] >= 1, p, "sample.steps", sample["steps"], ">= 1")
@@ -212,9 +217,7 @@ class DDPMGenerator:
                                                on_step=on_step)
         self.train_seconds_ = time.perf_counter() - t0
         self.loss_history_, self.trained_steps_ = losses, trained
-        train_sched = DDPMScheduler(num_train_timesteps=int(s["train"]["num_train_timesteps"]),
-                                    beta_schedule=s["train"]["beta_schedule"])
-        self._set_pipeline(ClassConditionalPipeline(ema_unet, make_scheduler(s["sample"]["sampler"], train_sched.config)))
+        self._set_pipeline(ClassConditionalPipeline(ema_unet, make_scheduler(s["sample"]["sampler"], noise_schedule(s["train"]).config)))
 
     def _set_pipeline(self, pipe: ClassConditionalPipeline) -> None:
         pipe.set_sampler(self.settings()["sample"]["sampler"])
@@ -380,7 +383,7 @@ def train_unet(unet: UNet2DModel, x: torch.Tensor, y: torch.Tensor, n_classes: i
     with `seed`, whose state is checkpointed, so a resumed run repeats the uninterrupted one.
     """
     steps, batch = int(cfg["steps"]), int(cfg["batch_size"])
-    sched = DDPMScheduler(num_train_timesteps=int(cfg["num_train_timesteps"]), beta_schedule=cfg["beta_schedule"])
+    sched = noise_schedule(cfg)
     opt = torch.optim.AdamW(unet.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
     ema = EMAModel(unet.parameters(), decay=float(cfg["ema_decay"]), use_ema_warmup=True, power=2 / 3,
                    model_cls=UNet2DModel, model_config=unet.config)
@@ -425,14 +428,25 @@ def train_unet(unet: UNet2DModel, x: torch.Tensor, y: torch.Tensor, n_classes: i
     return ema_unet.to(memory_format=torch.contiguous_format), losses, steps - start
 
 
+def noise_schedule(train: dict[str, Any]) -> DDPMScheduler:
+    """The training noise schedule; sampling schedulers are built on its config."""
+    return DDPMScheduler(num_train_timesteps=int(train["num_train_timesteps"]), beta_schedule=train["beta_schedule"],
+                         prediction_type=train["prediction_type"])
+
+
 def denoising_loss(unet: UNet2DModel, sched: DDPMScheduler, x0: torch.Tensor, labels: torch.Tensor,
                    gen: torch.Generator) -> torch.Tensor:
-    """Mean squared error of the noise prediction at random timesteps (noise and t drawn from `gen`)."""
+    """Mean squared error of the model's target (noise, or velocity for v_prediction) at random timesteps.
+
+    v-prediction keeps the x0 estimate finite where the cosine schedule reaches pure noise, which
+    few-step samplers starting at the last timestep need (epsilon models there give saturated images).
+    """
     noise = torch.randn(x0.shape, generator=gen)
     t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=gen)
+    target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
     device = next(unet.parameters()).device
     pred = unet(sched.add_noise(x0, noise, t).to(device), t.to(device), class_labels=labels.to(device)).sample
-    return F.mse_loss(pred.float(), noise.to(device))
+    return F.mse_loss(pred.float(), target.to(device))
 
 
 def _save_checkpoint(folder: Path, unet: UNet2DModel, opt: torch.optim.Optimizer, ema: EMAModel,

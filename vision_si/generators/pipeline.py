@@ -14,9 +14,10 @@ Modes, all through one `__call__`:
 - **guided**: as class mode, plus the gradient of a caller's classifier on the predicted clean image,
   pushing each image toward the classifier's decision boundary for its intended class. The
   objective is `-relu(margin)`, margin = logit of the intended class minus the best other logit, so
-  the push stops once an image reaches the boundary. The gradient is taken on x0 only (not through
-  the UNet), normalised to unit RMS per image, and enters the noise prediction as
-  `eps - classifier_scale * sqrt(alpha_bar_t) * g`: weak while x0 is still a blur, strong at the end.
+  the push stops once an image reaches the boundary. The gradient g is taken on the predicted x0
+  only (not through the UNet) and normalised to unit RMS per image; it moves x0 by
+  `classifier_scale * sqrt(1 - alpha_bar_t) * g` at each step, which is `eps - scale * sqrt(alpha_bar_t) * g`
+  for an epsilon model and `v - scale * g` for a v-prediction model.
 
 Randomness only through the `generator` argument; with one `torch.Generator` per image, an image
 does not depend on which other images share its batch.
@@ -162,20 +163,27 @@ class ClassConditionalPipeline(DiffusionPipeline):
         null = torch.full_like(labels, self.null_class)
         model_labels = torch.cat([labels, null]) if do_cfg else labels
         alphas_cumprod = scheduler.alphas_cumprod.to(device)
+        prediction = scheduler.config.prediction_type
+        if classifier_fn is not None and prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"guided sampling supports epsilon or v_prediction models, not {prediction!r}")
         for t in self.progress_bar(timesteps):
             model_in = torch.cat([sample, sample]) if do_cfg else sample
             model_in = scheduler.scale_model_input(model_in, t)
             if channels_last:
                 model_in = model_in.contiguous(memory_format=torch.channels_last)
-            eps = unet(model_in, t, class_labels=model_labels).sample.float()
+            out = unet(model_in, t, class_labels=model_labels).sample.float()
             if do_cfg:
-                cond, uncond = eps.chunk(2)
-                eps = uncond + guidance_scale * (cond - uncond)
+                cond, uncond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
             if classifier_fn is not None:
-                a_bar = alphas_cumprod[int(t)].float()
-                x0 = (sample.float() - (1 - a_bar).sqrt() * eps) / a_bar.sqrt()
-                eps = eps - classifier_scale * a_bar.sqrt() * _boundary_gradient(classifier_fn, x0, labels)
-            sample = scheduler.step(eps.to(dtype), t, sample, generator=generator).prev_sample
+                a, x = alphas_cumprod[int(t)].float(), sample.float()
+                if prediction == "epsilon":
+                    x0 = (x - (1 - a).sqrt() * out) / a.sqrt()
+                    out = out - classifier_scale * a.sqrt() * _boundary_gradient(classifier_fn, x0, labels)
+                else:  # v = sqrt(a) eps - sqrt(1 - a) x0: the same shift of x0 is simply v - scale * g
+                    x0 = a.sqrt() * x - (1 - a).sqrt() * out
+                    out = out - classifier_scale * _boundary_gradient(classifier_fn, x0, labels)
+            sample = scheduler.step(out.to(dtype), t, sample, generator=generator).prev_sample
         return sample
 
     def set_sampler(self, sampler: str) -> None:

@@ -354,6 +354,35 @@ def regenerate(row: ManifestRow, generator: Generator, *, rows: Sequence[Manifes
     return quantize(images[[j.id for j in chunk].index(row.id)])
 
 
+def verify_folder(out_dir: str | Path, generator: Generator, *, exemplars: Mapping[str, np.ndarray] | None = None,
+                  classifier_fn: Callable[..., Any] | None = None) -> dict[str, list[str]]:
+    """Check a generation folder: every PNG has a row, every row's file has its sha256 and regenerates.
+
+    Returns the offending ids by problem (`no_row`, `bad_file`, `differs`); all empty means sound.
+    Chunks are recomputed whole, so this costs about as much as the job did.
+    """
+    out_dir = Path(out_dir)
+    rows = read_manifest(out_dir / "manifest.jsonl")
+    known = {r.path for r in rows}
+    report: dict[str, list[str]] = {"no_row": sorted(p.stem for p in (out_dir / "images").glob("*.png")
+                                                     if f"images/{p.name}" not in known),
+                                    "bad_file": [], "differs": []}
+    jobs = [job_from_row(r) for r in rows]
+    by_id = {r.id: r for r in rows}
+    for chunk in chunks(jobs):
+        row = by_id[chunk[0].id]
+        images = generate_chunk(generator, chunk, exemplars=exemplars or {}, classifier_fn=classifier_fn,
+                                classifier_scale=row.classifier_scale or 0.0, steps=row.steps,
+                                guidance_scale=row.guidance)
+        for job, image in zip(chunk, images, strict=True):
+            r = by_id[job.id]
+            if file_sha256(out_dir / r.path) != r.sha256:
+                report["bad_file"].append(r.id)
+            elif hashlib.sha256(png_bytes(image)).hexdigest() != r.sha256:
+                report["differs"].append(r.id)
+    return report
+
+
 # ---------------------------------------------------------------------- plan files
 
 
