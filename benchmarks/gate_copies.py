@@ -13,6 +13,7 @@ the baseline side). The gate with `gate.seeds = 1` at run seed s+k trains exactl
 side, so its decisions come from the same models at no extra cost (3 per repeat, sharing the copies).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gate_copies.py [--dataset digits|elpv] [--repeats 10]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gate_copies.py --dataset elpv --control 4  # noise control
 
 Writes benchmarks/results/gate_copies_<dataset>.json and .md and prints the figures.
 """
@@ -105,18 +106,21 @@ def summarise(decisions: list[dict]) -> dict:
 
 
 def markdown(res: dict) -> str:
+    n_max = max(res["rows"][0]["n_train"], 1)
+    cap = "the whole train split" if res["train_per_class"] >= n_max else f"at most {res['train_per_class']} a class"
     lines = [f"# Gate vs a pool of exact copies ({res['dataset']})", "",
              f"{res['repeats']} repeats; per repeat {res['rows'][0]['n_train']} training images "
-             f"(at most {res['train_per_class']} a class), each copied once as a candidate; "
+             f"({cap}), each copied once as a candidate; "
              f"{res['rows'][0]['n_val']} val images. Classifier `{res['classifier']['arch']}` "
              f"{res['classifier']['model_kwargs']}, {res['classifier']['steps']} steps, batch "
              f"{res['classifier']['batch_size']}, augment `{res['augment']}`. Gate: {res['gate']}.", "",
-             "| gate.seeds | trials | accepted | acceptance rate [95% Wilson] | mean Δ (sd) | max lower bound | "
-             "median CI width |", "|---|---|---|---|---|---|---|"]
+             "| gate.seeds | trials | accepted | acceptance rate [95% Wilson] | lower bound > 0 but a class "
+             "regressed | mean Δ (sd) | max lower bound | median CI width |", "|---|---|---|---|---|---|---|---|"]
     for key in ("seeds1", "seeds3"):
         s = res["summary"][key]
         lines.append(f"| {key[-1]} | {s['trials']} | {s['accepted']} | {s['acceptance_rate']:.3f} "
                      f"[{s['acceptance_rate_ci95'][0]:.3f}, {s['acceptance_rate_ci95'][1]:.3f}] | "
+                     f"{s['class_regression_rejections']} | "
                      f"{s['delta_mean']:+.4f} ({s['delta_sd'] or 0:.4f}) | {s['lower_bound_max']:+.4f} | "
                      f"{s['ci_width_median']:.4f} |")
     lines += ["", f"Baseline val macro-F1 (mean over models): {res['baseline_macro_f1_mean']:.4f}. "
@@ -126,17 +130,60 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def order_control(profile: dict, data: dict, repeats: int, train_per_class: int, work: Path) -> dict:
+    """Training noise alone: the same data in permuted row order vs train + copies, one seed per split.
+
+    Both differ from the baseline only in the order of the draws, so their deltas show how far a
+    retrained model moves by chance (seed 1000·r + 7, other seeds than the main run's).
+    """
+    table, data_cfg, clf_cfg = data["table"], profile["data"], profile["clf"]
+    rows = []
+    for r in range(repeats):
+        seed = 1000 * r + 7
+        splits = make_splits(table, data_cfg.split, 1000 * r)
+        train_rows = np.flatnonzero(splits == "train")
+        rng = np.random.default_rng(1000 * r)
+        keep = np.concatenate([rng.permutation(train_rows[table.labels[train_rows] == c])[:train_per_class]
+                               for c in range(len(table.classes))])
+        val_rows = np.flatnonzero(splits == "val")
+        tx, ty, vx, vy = data["x"][keep], table.labels[keep], data["x"][val_rows], table.labels[val_rows]
+        perm = np.random.default_rng(seed).permutation(len(ty))
+        f1 = {}
+        for name, (x, y), extra in (("baseline", (tx, ty), {}), ("permuted", (tx[perm], ty[perm]), {}),
+                                    ("copies", (tx, ty), {"extra_images": tx.copy(), "extra_labels": ty.copy()})):
+            clf = train_classifier(clf_cfg, x, y, classes=list(table.classes), seed=seed,
+                                   out_dir=work / f"control-{r}-{name}", progress=False,
+                                   augment=build_augmentation(data_cfg.augment, tx.shape[1], seed), **extra)
+            f1[name] = classification_metrics(vy, predict(clf, vx).probs.argmax(1), list(table.classes))["macro_f1"]
+        rows.append({"split_seed": 1000 * r, "seed": seed, **f1, "permuted_minus_baseline": f1["permuted"] - f1["baseline"],
+                     "copies_minus_baseline": f1["copies"] - f1["baseline"]})
+        print(f"control {r}: permuted − baseline {rows[-1]['permuted_minus_baseline']:+.4f}, "
+              f"copies − baseline {rows[-1]['copies_minus_baseline']:+.4f}", flush=True)
+    return {"dataset": profile["data"].source, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=sorted(PROFILES), default="digits")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--train-per-class", type=int, default=20)
+    ap.add_argument("--control", type=int, default=0, metavar="N",
+                    help="instead: N splits of the order control (permuted data and copies vs baseline, one seed)")
     args = ap.parse_args()
     profile = PROFILES[args.dataset]
     start = time.time()
     table = load_source(profile["data"], 0, progress=False)
     x = load_images(table, np.arange(len(table)), profile["data"])
     data = {"table": table, "x": x}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.control:
+        with tempfile.TemporaryDirectory(prefix="gate_copies_control_") as tmp:
+            res = order_control(profile, data, args.control, args.train_per_class, Path(tmp))
+        res["seconds"] = time.time() - start
+        path = RESULTS / f"gate_copies_{args.dataset}_control.json"
+        path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        print(f"written: {path}")
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="gate_copies_") as tmp:
         for r in range(args.repeats):
@@ -159,7 +206,6 @@ def main() -> None:
            "baseline_macro_f1_mean": float(np.mean([v for row in rows for v in row["baseline_macro_f1"]])),
            "seconds": time.time() - start, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
            "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"gate_copies_{args.dataset}"
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     out.with_suffix(".md").write_text(markdown(res), encoding="utf-8")
