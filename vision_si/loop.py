@@ -358,6 +358,7 @@ class Loop:
         crit_train = self._predict(critic, data.pixels("train"))
         eval_x = np.concatenate([data.pixels("val"), self._test_pixels_for_leak_check(data)])
         crit_eval = self._predict(critic, eval_x)
+        n_val = len(data.index["val"])
         pool_x, _ = pool.arrays(self.channels, self.cfg.data.image_size)
         pool_emb = self._predict(critic, pool_x).embeddings if len(pool_x) else None
         res = filter_candidates(
@@ -367,7 +368,8 @@ class Loop:
             real_train_labels=data.labels("train"), real_train_emb=crit_train.embeddings, eval_images=eval_x,
             eval_emb=crit_eval.embeddings, eval_sha256=data.sha256("val") + data.sha256("test"),
             candidate_sha256=[row.sha256 for row in rows], pool_images=pool_x if len(pool_x) else None,
-            pool_emb=pool_emb, reviews=read_reviews(self.run_dir / "reviews.csv"), seed=self.cfg.seed)
+            pool_emb=pool_emb, reviews=read_reviews(self.run_dir / "reviews.csv"), seed=self.cfg.seed,
+            real_val_critic_probs=crit_eval.probs[:n_val], real_val_labels=data.labels("val"))
         res.save(out)
 
     def _test_pixels_for_leak_check(self, data: RealData, purpose: str = "leakage check") -> np.ndarray:
