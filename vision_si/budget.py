@@ -66,7 +66,11 @@ def water_fill(weights: np.ndarray, total: int, floor: float, cap: float) -> np.
     """
     w = np.asarray(weights, dtype=float)
     w = np.ones_like(w) if w.size and w.max() <= 0 else w
-    w = np.where(w > 0, w, (w.max() if w.size else 1.0) * 1e-9)
+    if w.size:
+        # relative weights, none below 1e-250, so λ·w reaches the caps before λ reaches the 1e300 limit
+        # below (tiny scores used to leave the total unplaced); a zero weight stays below every positive one
+        w = w / w.max()
+        w = np.where(w > 0, np.maximum(w, 1e-250), 1e-259)
 
     def placed(lam: float) -> float:
         return float(np.clip(lam * w, floor, cap).sum())

@@ -137,6 +137,10 @@ class GateConfig:
     n_bootstrap: int = 1000
     confidence: float = 0.95
     seeds: int = 1  # models trained per side; decision on the paired mean
+    # with seeds >= 2: resample seed pairs as well as val images, so the interval sees training noise
+    bootstrap: Literal["images", "seeds_and_images"] = "seeds_and_images"
+    # the lower bound must also clear this: a number, or "auto" = the between-seed sd of the per-seed deltas
+    noise_floor: Any = 0.0
 
 
 @dataclass
@@ -258,6 +262,8 @@ def config_from_dict(data: dict[str, Any] | None, where: str = "") -> RunConfig:
 
 
 def _read_card(card: str) -> dict[str, Any]:
+    if not isinstance(card, str):  # read before the type checks of the data section
+        raise ConfigError(f"data.card: expected a path to a dataset card YAML, got {card!r}")
     path = resolve_path(card)
     if not path.is_file():
         raise ConfigError(f"data.card: dataset card '{card}' not found")
@@ -270,7 +276,10 @@ def _read_card(card: str) -> dict[str, Any]:
 
 def resolve_path(p: str | Path) -> Path:
     """A relative path is taken from the working directory, then from the repository root."""
-    path = Path(p).expanduser()
+    try:
+        path = Path(p).expanduser()
+    except RuntimeError:  # `~user` for a user that does not exist: taken literally, then not found
+        path = Path(p)
     if path.is_absolute() or path.exists():
         return path
     in_repo = REPO_ROOT / path
@@ -369,7 +378,9 @@ def validate_config(cfg: RunConfig) -> None:
     """Range checks that the type system cannot express."""
     d, s, c = cfg.data, cfg.data.split, cfg.classifier
     _check(cfg.seed >= 0, "seed", cfg.seed, ">= 0")
-    _check(bool(cfg.name.strip()) and "/" not in cfg.name, "name", cfg.name, "non-empty, no '/'")
+    _check(bool(cfg.name.strip()) and "/" not in cfg.name and "\0" not in cfg.name and len(cfg.name) <= 100,
+           "name", cfg.name, "non-empty, at most 100 characters, no '/' or NUL")
+    _check(bool(cfg.output_dir) and "\0" not in cfg.output_dir, "output_dir", cfg.output_dir, "a folder path")
     _check(8 <= d.image_size <= 1024, "data.image_size", d.image_size, "8 to 1024")
     _check(d.channels is None or d.channels in (1, 3), "data.channels", d.channels, "1, 3 or null")
     _check(d.max_per_class is None or d.max_per_class >= 3, "data.max_per_class", d.max_per_class, ">= 3")
@@ -430,6 +441,9 @@ def validate_config(cfg: RunConfig) -> None:
     _check(100 <= t.n_bootstrap <= 100_000, "gate.n_bootstrap", t.n_bootstrap, "100 to 100,000")
     _check(0.5 <= t.confidence < 1, "gate.confidence", t.confidence, "0.5 <= x < 1")
     _check(1 <= t.seeds <= 20, "gate.seeds", t.seeds, "1 to 20")
+    nf = t.noise_floor
+    _check(nf == "auto" or (isinstance(nf, (int, float)) and not isinstance(nf, bool) and 0 <= nf <= 1),
+           "gate.noise_floor", nf, "'auto' or a number from 0 to 1")
     lp = cfg.loop
     _check(0 <= lp.max_rounds <= 100, "loop.max_rounds", lp.max_rounds, "0 to 100")
     _check(lp.patience >= 1, "loop.patience", lp.patience, ">= 1")

@@ -81,6 +81,10 @@ def _group_fold(rows: np.ndarray, labels: np.ndarray, groups: np.ndarray, fracti
     if n_groups < k:
         raise DataError(f"only {n_groups} groups remain for the '{what}' split; grouped splitting with "
                         f"fraction {fraction} needs at least {k}")
+    largest = int(np.bincount(labels[rows]).max()) if len(rows) else 0
+    if largest < k:  # scikit-learn refuses when no class has as many members as folds
+        raise DataError(f"the '{what}' split with fraction {fraction} takes one of {k} group folds, but no class has "
+                        f"{k} images (the largest has {largest}); raise the fraction or add images")
     folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # sklearn warns about classes smaller than k; check_splits names the class if it matters
