@@ -9,8 +9,9 @@ import pytest
 
 from vision_si.classifier import predict, train_classifier
 from vision_si.config import ClassifierConfig, GateConfig
-from vision_si.errors import DataError, InputError
+from vision_si.errors import ConfigError, DataError, InputError
 from vision_si.gate import GateDecision, decide, run_gate
+from vision_si.metrics import bootstrap_interval, paired_bootstrap
 
 CLASSES = ["a", "b", "c", "d"]
 K = len(CLASSES)
@@ -84,8 +85,8 @@ def test_several_seeds_decide_on_the_paired_mean(val):
     better = fix_errors(labels, base, errors[:40])
     base3 = np.stack([base, base, base])
     one_seed_better = np.stack([better, base, base])
-    d = decide(GateConfig(seeds=3), val_labels=labels, baseline_preds=base3, candidate_preds=one_seed_better,
-               classes=CLASSES, model_seeds=[7, 8, 9])
+    d = decide(GateConfig(seeds=3, bootstrap="images"), val_labels=labels, baseline_preds=base3,
+               candidate_preds=one_seed_better, classes=CLASSES, model_seeds=[7, 8, 9])
     single = decide(GateConfig(), val_labels=labels, baseline_preds=base, candidate_preds=better, classes=CLASSES)
     assert d.delta["value"] == pytest.approx(single.delta["value"] / 3)
     assert d.seeds == [7, 8, 9]
@@ -214,3 +215,101 @@ def test_run_gate_trains_one_model_per_seed_with_the_baseline_seeds(digits, tmp_
                      classes=digits["classes"], seed=0, out_dir=tmp_path / "empty", baseline_preds=base,
                      progress=False)
     assert not empty.accepted and empty.decision == "skipped" and not (tmp_path / "empty" / "candidate-0").exists()
+
+
+# --------------------------------------------------------------------------- training noise: seeds resampled
+
+
+def seeds_with_gains(labels, base, fixed_per_seed):
+    """Candidates of three seeds against one baseline: seed s fixes (n > 0) or breaks (n < 0) n images."""
+    errors, right = np.flatnonzero(base != labels), np.flatnonzero(base == labels)
+    rows = []
+    for n in fixed_per_seed:
+        if n >= 0:
+            rows.append(fix_errors(labels, base, errors[:n]))
+        else:
+            broken = base.copy()
+            broken[right[:-n]] = (labels[right[:-n]] + 1) % K
+            rows.append(broken)
+    return np.stack([base] * len(rows)), np.stack(rows)
+
+
+def test_resampling_seeds_widens_the_interval_when_seeds_disagree(val):
+    labels, base, _ = val
+    base3, cand3 = seeds_with_gains(labels, base, [60, 0, 30])
+    images = paired_bootstrap(labels, base3, cand3, K, "macro_f1", seed=4)
+    both = paired_bootstrap(labels, base3, cand3, K, "macro_f1", seed=4, resample_seeds=True)
+    assert both["delta"] == images["delta"]
+    assert both["upper"] - both["lower"] > 1.5 * (images["upper"] - images["lower"])
+    assert both["lower"] < images["lower"]
+    assert len(both["per_seed_delta"]) == 3 and both["per_seed_delta"][1] == 0.0
+    assert both["seed_sd"] == pytest.approx(np.std(both["per_seed_delta"], ddof=1))
+    lo_i, hi_i = bootstrap_interval(labels, cand3, K, "macro_f1", seed=4)
+    lo_b, hi_b = bootstrap_interval(labels, cand3, K, "macro_f1", seed=4, resample_seeds=True)
+    assert hi_b - lo_b > hi_i - lo_i
+
+
+def test_resampling_seeds_changes_nothing_when_all_seeds_agree(val):
+    labels, base, _ = val
+    cand = fix_errors(labels, base, np.flatnonzero(base != labels)[:25])
+    base3, cand3 = np.stack([base] * 3), np.stack([cand] * 3)
+    images = paired_bootstrap(labels, base3, cand3, K, "macro_f1", seed=2)
+    both = paired_bootstrap(labels, base3, cand3, K, "macro_f1", seed=2, resample_seeds=True)
+    assert (both["lower"], both["upper"], both["p_not_better"]) == (images["lower"], images["upper"],
+                                                                     images["p_not_better"])
+    assert both["seed_sd"] == 0.0
+    one = paired_bootstrap(labels, base, cand, K, "macro_f1", seed=2, resample_seeds=True)
+    assert (one["lower"], one["upper"]) == (images["lower"], images["upper"]) and one["seed_sd"] is None
+    assert bootstrap_interval(labels, cand3, K, "macro_f1", seed=2, resample_seeds=True) == \
+        bootstrap_interval(labels, cand3, K, "macro_f1", seed=2)
+    d = decide(GateConfig(seeds=3), val_labels=labels, baseline_preds=base3, candidate_preds=cand3, classes=CLASSES)
+    d_img = decide(GateConfig(seeds=3, bootstrap="images"), val_labels=labels, baseline_preds=base3,
+                   candidate_preds=cand3, classes=CLASSES)
+    assert d.accepted and d_img.accepted and d.delta["ci"] == d_img.delta["ci"]
+
+
+def test_seeds_that_straddle_zero_are_refused_though_the_image_bootstrap_would_accept(val):
+    labels, base, _ = val
+    base3, cand3 = seeds_with_gains(labels, base, [80, 70, -40])  # two seeds gain a lot, one loses
+    kw = dict(val_labels=labels, baseline_preds=base3, candidate_preds=cand3, classes=CLASSES)
+    loose = dict(tolerance=1.0)  # judge the metric alone, not the per-class check
+    pooled = decide(GateConfig(seeds=3, bootstrap="images", **loose), **kw)
+    assert pooled.accepted and pooled.delta["ci"][0] > 0, "the image-only bootstrap sees a confident gain"
+    d = decide(GateConfig(seeds=3, **loose), **kw)
+    assert min(d.delta["per_seed"]) < 0 < max(d.delta["per_seed"])
+    assert not d.accepted and d.reason_code == "no_confident_gain" and d.delta["ci"][0] <= 0
+    assert "per seed" in d.reason and "seeds_and_images" in GateConfig().bootstrap
+    assert "seed pairs" in d.bootstrap["method"]
+
+
+def test_auto_noise_floor_asks_the_lower_bound_to_clear_the_between_seed_spread(val, tmp_path):
+    labels, base, _ = val
+    base3, cand3 = seeds_with_gains(labels, base, [100, 20, 60])  # every seed gains, by very different amounts
+    kw = dict(val_labels=labels, baseline_preds=base3, candidate_preds=cand3, classes=CLASSES)
+    plain = decide(GateConfig(seeds=3, tolerance=1.0), **kw)
+    assert plain.accepted and plain.noise_floor == 0.0
+    floor = decide(GateConfig(seeds=3, tolerance=1.0, noise_floor="auto"), **kw)
+    assert floor.noise_floor == pytest.approx(np.std(floor.delta["per_seed"], ddof=1))
+    assert floor.delta["ci"] == plain.delta["ci"]
+    assert floor.accepted == (floor.delta["ci"][0] > floor.noise_floor)
+    assert not floor.accepted and "noise floor" in floor.reason
+    fixed = decide(GateConfig(seeds=3, tolerance=1.0, noise_floor=0.5), **kw)
+    assert not fixed.accepted and fixed.noise_floor == 0.5
+    one = decide(GateConfig(noise_floor="auto"), val_labels=labels, baseline_preds=base, candidate_preds=cand3[0],
+                 classes=CLASSES)
+    assert one.accepted and one.noise_floor == 0.0 and "no estimate" in one.reason
+    floor.save(tmp_path)
+    assert GateDecision.load(tmp_path) == floor
+
+
+def test_gate_config_checks_the_new_keys():
+    from vision_si.config import config_from_dict
+
+    cfg = config_from_dict({"gate": {"seeds": 3, "noise_floor": "auto", "bootstrap": "images"}})
+    assert cfg.gate.noise_floor == "auto" and cfg.gate.bootstrap == "images"
+    assert config_from_dict({"gate": {"noise_floor": 0.02}}).gate.noise_floor == 0.02
+    for bad in ("sometimes", -0.1, 2, True, [0.1]):
+        with pytest.raises(ConfigError, match="gate.noise_floor"):
+            config_from_dict({"gate": {"noise_floor": bad}})
+    with pytest.raises(ConfigError, match="gate.bootstrap"):
+        config_from_dict({"gate": {"bootstrap": "seeds"}})

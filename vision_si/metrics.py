@@ -106,46 +106,80 @@ def metric_samples(labels: np.ndarray, preds: np.ndarray, k: int, idx: np.ndarra
     raise ValueError(f"unknown metric {metric!r}; allowed: accuracy, balanced_accuracy, macro_f1, weak_class_recall")
 
 
+def _seed_indices(n_seeds: int, n_bootstrap: int, seed: int) -> np.ndarray:
+    """Seeds drawn with replacement for each resample (B×S), from a stream apart from the image draws.
+
+    The image draws stay those of `_bootstrap_indices(n, B, seed)`, so when every seed's
+    predictions are the same the seed-resampled interval is the image-only one, exactly.
+    """
+    return np.random.default_rng((seed, 1)).integers(0, n_seeds, size=(n_bootstrap, n_seeds))
+
+
+def _over_seeds(per_seed: np.ndarray, seed_idx: np.ndarray | None) -> np.ndarray:
+    """Mean over seeds of per-seed samples (S×B): all seeds, or those drawn for each resample (B×S)."""
+    if seed_idx is None:
+        return per_seed.mean(axis=0)
+    return np.take_along_axis(per_seed.T, seed_idx, axis=1).mean(axis=1)
+
+
 def bootstrap_interval(labels: np.ndarray, preds: np.ndarray, k: int, metric: str, *, n_bootstrap: int = 1000,
-                       confidence: float = 0.95, seed: int = 0,
-                       weak_classes: list[int] | None = None) -> tuple[float, float]:
+                       confidence: float = 0.95, seed: int = 0, weak_classes: list[int] | None = None,
+                       resample_seeds: bool = False) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric` over resampled images.
 
-    `preds` may be 2-D (seeds × N): the metric is then averaged over seeds on each resample.
+    `preds` may be 2-D (seeds × N): the metric is then averaged over seeds on each resample. With
+    `resample_seeds`, each resample also draws the seeds (rows) with replacement, so the interval
+    covers the spread between trainings as well as the choice of images.
     """
     labels = np.asarray(labels, int)
     if labels.size == 0:
         return 0.0, 1.0
     idx = _bootstrap_indices(labels.size, n_bootstrap, seed)
     rows = np.atleast_2d(np.asarray(preds, int))
-    samples = np.mean([metric_samples(labels, p, k, idx, metric, weak_classes) for p in rows], axis=0)
+    per_seed = np.stack([metric_samples(labels, p, k, idx, metric, weak_classes) for p in rows])
+    seed_idx = _seed_indices(len(rows), n_bootstrap, seed) if resample_seeds else None
+    samples = _over_seeds(per_seed, seed_idx)
     lo, hi = np.nanpercentile(samples, [50 * (1 - confidence), 50 * (1 + confidence)])
     return float(lo), float(hi)
 
 
 def paired_bootstrap(labels: np.ndarray, preds_a: np.ndarray, preds_b: np.ndarray, k: int, metric: str, *,
                      n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0,
-                     weak_classes: list[int] | None = None) -> dict[str, float]:
+                     weak_classes: list[int] | None = None, resample_seeds: bool = False) -> dict:
     """Difference `metric(b) - metric(a)` on the same resampled images, with its percentile interval.
 
-    `preds_a`/`preds_b` may be 2-D (seeds × N): the metric is then averaged over seeds on each
-    resample, so the decision rests on the paired mean of several trainings.
+    `preds_a`/`preds_b` may be 2-D (seeds × N, row s of both sides trained with the same seed): the
+    metric is then averaged over seeds on each resample, so the decision rests on the paired mean
+    of several trainings. A bootstrap over images alone does not see training noise (two trainings
+    on the same data differ). With `resample_seeds` each resample also draws seed pairs with
+    replacement (row s of a and of b together) and the same images for all of them: seeds and
+    images are crossed factors, both resampled, so the interval widens with the disagreement
+    between seeds. With one seed, or seeds whose predictions agree, it equals the image-only one.
+
+    Also returns `per_seed_delta` (each pair's difference on all images) and `seed_sd`, their
+    standard deviation between seeds (None with one seed).
     """
     labels = np.asarray(labels, int)
     a = np.atleast_2d(np.asarray(preds_a, int))
     b = np.atleast_2d(np.asarray(preds_b, int))
     if a.shape[1] != labels.size or b.shape[1] != labels.size:
         raise ValueError(f"predictions cover {a.shape[1]} and {b.shape[1]} images, labels {labels.size}")
+    if resample_seeds and a.shape[0] != b.shape[0]:
+        raise ValueError(f"resample_seeds pairs rows: {a.shape[0]} and {b.shape[0]} seeds")
     idx = _bootstrap_indices(labels.size, n_bootstrap, seed)
-    sa = np.mean([metric_samples(labels, p, k, idx, metric, weak_classes) for p in a], axis=0)
-    sb = np.mean([metric_samples(labels, p, k, idx, metric, weak_classes) for p in b], axis=0)
+    seed_idx = _seed_indices(a.shape[0], n_bootstrap, seed) if resample_seeds else None
+    sa = _over_seeds(np.stack([metric_samples(labels, p, k, idx, metric, weak_classes) for p in a]), seed_idx)
+    sb = _over_seeds(np.stack([metric_samples(labels, p, k, idx, metric, weak_classes) for p in b]), seed_idx)
     diff = sb - sa
     full = np.arange(labels.size)[None, :]
-    point_a = float(np.mean([metric_samples(labels, p, k, full, metric, weak_classes)[0] for p in a]))
-    point_b = float(np.mean([metric_samples(labels, p, k, full, metric, weak_classes)[0] for p in b]))
+    va = np.array([metric_samples(labels, p, k, full, metric, weak_classes)[0] for p in a])
+    vb = np.array([metric_samples(labels, p, k, full, metric, weak_classes)[0] for p in b])
+    point_a, point_b = float(va.mean()), float(vb.mean())
     lo, hi = np.nanpercentile(diff, [50 * (1 - confidence), 50 * (1 + confidence)])
+    per_seed = (vb - va).tolist() if len(va) == len(vb) else []
     return {"a": point_a, "b": point_b, "delta": point_b - point_a, "lower": float(lo), "upper": float(hi),
-            "p_not_better": float(np.mean(diff <= 0))}
+            "p_not_better": float(np.mean(diff <= 0)), "per_seed_delta": per_seed,
+            "seed_sd": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None}
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
