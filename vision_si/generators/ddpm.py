@@ -235,7 +235,12 @@ class DDPMGenerator:
         self.data_channels_, self.data_size_ = meta["data_channels"], meta["data_size"]
         self.model_channels_ = meta["model_channels"]
         self.loss_history_, self.train_seconds_ = meta["loss_history"], meta["train_seconds"]
-        self._set_pipeline(ClassConditionalPipeline.from_pretrained(folder / "pipeline"))
+        try:
+            pipe = ClassConditionalPipeline.from_pretrained(folder / "pipeline")
+        except Exception as exc:  # a damaged or foreign cache entry: safetensors/JSON parse errors, a refused pickle
+            raise DataError(f"{folder / 'pipeline'}: cannot load the cached generator ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}); delete '{folder}' to retrain it") from None
+        self._set_pipeline(pipe)
         self.folder_ = folder
 
     @classmethod

@@ -398,7 +398,10 @@ def load_plan(path: str | Path) -> Plan:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"plan file '{path}' not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         content = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
@@ -424,6 +427,11 @@ def load_plan(path: str | Path) -> Plan:
         if mode == "guided":
             raise ConfigError(f"{path}: requests[{n}]: guided mode needs a live classifier; use it inside a run")
         cls = raw["class"]
+        for key, kinds in (("count", (int,)), ("strength", (int, float))):
+            value = raw.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                what = "an integer" if key == "count" else "a number"
+                raise ConfigError(f"{path}: requests[{n}]: {key} must be {what}, got {value!r}")
         try:
             requests.append(GenerationRequest(class_index=cls if isinstance(cls, int) and not isinstance(cls, bool)
                                               else -1, class_name=str(cls),
