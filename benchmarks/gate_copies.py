@@ -1,16 +1,22 @@
-"""How often does the gate call a pool of exact copies of real training images a gain?
+"""How often does the gate call a pool of exact copies of real training images a gain, and how often
+does it accept a pool that genuinely helps?
 
 Copies add no information: a model trained on train + copies sees the same images, only drawn in
 another order with other augmentation seeds, so any difference from the baseline is training
-noise. The gate's paired bootstrap resamples val images and does not see that noise; training
-both sides from the same seeds, and several seeds a side, is meant to keep it from being fooled.
+noise. The gate's paired bootstrap over val images does not see that noise; training both sides
+from the same seeds, several seeds a side, and (new) resampling the seed pairs as well as the
+images are meant to keep it from being fooled. A gate that rejects everything would pass that
+test, so every repeat also offers a helpful pool: extra real training-split images with their
+correct labels, held out from the baseline's training set.
 
-For each repeat r (run seed s = 1000·r): the data is split by the data layer (seed s), the training
-split is cut to `--train-per-class` images a class (seed s, the scarce-data regime), the baseline is
-trained with seeds s, s+1, s+2, and `run_gate` with `gate.seeds = 3` trains the candidates on the
-same recipe with every training image copied once as a candidate (seeds s, s+1, s+2, the same as
-the baseline side). The gate with `gate.seeds = 1` at run seed s+k trains exactly model k of each
-side, so its decisions come from the same models at no extra cost (3 per repeat, sharing the copies).
+For each repeat r (run seed s = 1000·r): the data is split by the data layer (seed s); per class
+the training split is cut to `--train-per-class` images (seed s, the scarce-data regime) and the
+next `--pool-per-class` images (at most half the class) form the helpful pool. The baseline is
+trained with seeds s, s+1, s+2; `run_gate` with `gate.seeds = 3` trains the candidates on the same
+recipe and seeds, once with every training image copied once as a candidate, once with the
+helpful pool. Every decision rule below is then applied to the same models side by side (the
+decision is cheap; the models are the cost): with one seed, model k of each side (3 trials a
+repeat); with 2 seeds, models 0 and 1; with 3 seeds, all.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gate_copies.py [--dataset digits|elpv] [--repeats 10]
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/gate_copies.py --dataset elpv --control 4  # noise control
@@ -21,6 +27,7 @@ Writes benchmarks/results/gate_copies_<dataset>.json and .md and prints the figu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import tempfile
@@ -49,15 +56,40 @@ PROFILES = {
 }
 
 
-def one_repeat(r: int, data, profile: dict, train_per_class: int, work: Path) -> dict:
-    table, data_cfg, clf_cfg = data["table"], profile["data"], profile["clf"]
-    seed = 1000 * r
+# name → (models used (indices into the 3 seeds; a list of lists gives several trials), GateConfig)
+G = GateConfig()
+RULES = {
+    "1 seed, min_delta 0 (old default)": ([[0], [1], [2]], dataclasses.replace(G, seeds=1)),
+    "1 seed, min_delta 0.01": ([[0], [1], [2]], dataclasses.replace(G, seeds=1, min_delta=0.01)),
+    "1 seed, min_delta 0.02": ([[0], [1], [2]], dataclasses.replace(G, seeds=1, min_delta=0.02)),
+    "2 seeds, images (old)": ([[0, 1]], dataclasses.replace(G, seeds=2, bootstrap="images")),
+    "2 seeds, seeds_and_images": ([[0, 1]], dataclasses.replace(G, seeds=2, bootstrap="seeds_and_images")),
+    "2 seeds, seeds_and_images, floor auto": ([[0, 1]], dataclasses.replace(G, seeds=2, noise_floor="auto")),
+    "3 seeds, images (old)": ([[0, 1, 2]], dataclasses.replace(G, seeds=3, bootstrap="images")),
+    "3 seeds, seeds_and_images": ([[0, 1, 2]], dataclasses.replace(G, seeds=3, bootstrap="seeds_and_images")),
+    "3 seeds, seeds_and_images, floor auto": ([[0, 1, 2]], dataclasses.replace(G, seeds=3, noise_floor="auto")),
+}
+POOLS = ("copies", "helpful")
+
+
+def _split(table, data_cfg, seed: int, train_per_class: int, pool_per_class: int):
     splits = make_splits(table, data_cfg.split, seed)
     rng = np.random.default_rng(seed)
     train_rows = np.flatnonzero(splits == "train")
-    keep = np.concatenate([rng.permutation(train_rows[table.labels[train_rows] == c])[:train_per_class]
-                           for c in range(len(table.classes))])
-    val_rows = np.flatnonzero(splits == "val")
+    keep, pool = [], []
+    for c in range(len(table.classes)):
+        rows = rng.permutation(train_rows[table.labels[train_rows] == c])
+        n_pool = min(pool_per_class, len(rows) // 2)
+        n_train = min(train_per_class, len(rows) - n_pool)
+        keep.append(rows[:n_train])
+        pool.append(rows[n_train:n_train + n_pool])
+    return np.concatenate(keep), np.concatenate(pool), np.flatnonzero(splits == "val")
+
+
+def one_repeat(r: int, data, profile: dict, train_per_class: int, pool_per_class: int, work: Path) -> dict:
+    table, data_cfg, clf_cfg = data["table"], profile["data"], profile["clf"]
+    seed = 1000 * r
+    keep, pool, val_rows = _split(table, data_cfg, seed, train_per_class, pool_per_class)
     tx, ty = data["x"][keep], table.labels[keep]
     vx, vy = data["x"][val_rows], table.labels[val_rows]
     classes = list(table.classes)
@@ -72,20 +104,27 @@ def one_repeat(r: int, data, profile: dict, train_per_class: int, work: Path) ->
                                augment=aug(s), progress=False)
         base.append(predict(clf, vx).probs.argmax(1))
     base = np.stack(base)
-    gate_dir = work / f"r{r}" / "gate"
-    copy_ids = [f"copy-of-{table.ids[i]}" for i in keep]
-    d3 = run_gate(GateConfig(seeds=3), clf_cfg, train_images=tx, train_labels=ty, pool_images=None, pool_labels=None,
-                  pool_ids=None, candidate_images=tx.copy(), candidate_labels=ty.copy(), candidate_ids=copy_ids,
-                  val_images=vx, val_labels=vy, classes=classes, seed=seed, out_dir=gate_dir, baseline_preds=base,
-                  augment=aug, progress=False)
-    cand = np.stack([predict(load_classifier(gate_dir / f"candidate-{k}"), vx).probs.argmax(1) for k in range(3)])
-    singles = [decide(GateConfig(seeds=1), val_labels=vy, baseline_preds=base[k], candidate_preds=cand[k],
-                      classes=classes, seed=s, model_seeds=[s]) for k, s in enumerate(seeds)]
-    row = {"repeat": r, "seed": seed, "n_train": int(len(ty)), "n_copies": len(copy_ids), "n_val": int(len(vy)),
-           "baseline_macro_f1": [classification_metrics(vy, b, classes)["macro_f1"] for b in base],
-           "seeds3": {"accepted": d3.accepted, "delta": d3.delta, "reason_code": d3.reason_code},
-           "seeds1": [{"seed": d.seeds[0], "accepted": d.accepted, "delta": d.delta, "reason_code": d.reason_code}
-                      for d in singles]}
+    offered = {"copies": (tx.copy(), ty.copy(), [f"copy-of-{table.ids[i]}" for i in keep]),
+               "helpful": (data["x"][pool], table.labels[pool], [f"held-{table.ids[i]}" for i in pool])}
+    row = {"repeat": r, "seed": seed, "n_train": int(len(ty)), "n_copies": len(keep), "n_helpful": int(len(pool)),
+           "n_val": int(len(vy)),
+           "baseline_macro_f1": [classification_metrics(vy, b, classes)["macro_f1"] for b in base]}
+    for name, (cx, cy, cids) in offered.items():
+        gate_dir = work / f"r{r}" / name
+        run_gate(GateConfig(seeds=3), clf_cfg, train_images=tx, train_labels=ty, pool_images=None,
+                 pool_labels=None, pool_ids=None, candidate_images=cx, candidate_labels=cy, candidate_ids=cids,
+                 val_images=vx, val_labels=vy, classes=classes, seed=seed, out_dir=gate_dir, baseline_preds=base,
+                 augment=aug, progress=False)
+        cand = np.stack([predict(load_classifier(gate_dir / f"candidate-{k}"), vx).probs.argmax(1)
+                         for k in range(3)])
+        row[name] = {}
+        for rule, (groups, cfg) in RULES.items():
+            row[name][rule] = []
+            for g in groups:
+                d = decide(cfg, val_labels=vy, baseline_preds=base[g], candidate_preds=cand[g], classes=classes,
+                           seed=seeds[g[0]], model_seeds=[seeds[k] for k in g])
+                row[name][rule].append({"seeds": d.seeds, "accepted": d.accepted, "delta": d.delta,
+                                        "noise_floor": d.noise_floor, "reason_code": d.reason_code})
     return row
 
 
@@ -105,28 +144,32 @@ def summarise(decisions: list[dict]) -> dict:
             "share_delta_positive": float((deltas > 0).mean())}
 
 
+def _rate(s: dict) -> str:
+    return (f"{s['accepted']}/{s['trials']} = {s['acceptance_rate']:.3f} "
+            f"[{s['acceptance_rate_ci95'][0]:.3f}, {s['acceptance_rate_ci95'][1]:.3f}]")
+
+
 def markdown(res: dict) -> str:
-    n_max = max(res["rows"][0]["n_train"], 1)
-    cap = "the whole train split" if res["train_per_class"] >= n_max else f"at most {res['train_per_class']} a class"
-    lines = [f"# Gate vs a pool of exact copies ({res['dataset']})", "",
-             f"{res['repeats']} repeats; per repeat {res['rows'][0]['n_train']} training images "
-             f"({cap}), each copied once as a candidate; "
-             f"{res['rows'][0]['n_val']} val images. Classifier `{res['classifier']['arch']}` "
+    row0 = res["rows"][0]
+    lines = [f"# Gate vs a pool of exact copies and a helpful pool ({res['dataset']})", "",
+             f"{res['repeats']} repeats; per repeat {row0['n_train']} training images (at most "
+             f"{res['train_per_class']} a class), each copied once as the copies pool; the helpful pool is "
+             f"{row0['n_helpful']} other real training-split images with correct labels (at most "
+             f"{res['pool_per_class']} a class); {row0['n_val']} val images. Classifier `{res['classifier']['arch']}` "
              f"{res['classifier']['model_kwargs']}, {res['classifier']['steps']} steps, batch "
              f"{res['classifier']['batch_size']}, augment `{res['augment']}`. Gate: {res['gate']}.", "",
-             "| gate.seeds | trials | accepted | acceptance rate [95% Wilson] | lower bound > 0 but a class "
-             "regressed | mean Δ (sd) | max lower bound | median CI width |", "|---|---|---|---|---|---|---|---|"]
-    for key in ("seeds1", "seeds3"):
-        s = res["summary"][key]
-        lines.append(f"| {key[-1]} | {s['trials']} | {s['accepted']} | {s['acceptance_rate']:.3f} "
-                     f"[{s['acceptance_rate_ci95'][0]:.3f}, {s['acceptance_rate_ci95'][1]:.3f}] | "
-                     f"{s['class_regression_rejections']} | "
-                     f"{s['delta_mean']:+.4f} ({s['delta_sd'] or 0:.4f}) | {s['lower_bound_max']:+.4f} | "
-                     f"{s['ci_width_median']:.4f} |")
+             "| rule | copies accepted [95% Wilson] (should be ~0) | helpful accepted [95% Wilson] (should be high) "
+             "| copies mean Δ (sd) | helpful mean Δ (sd) | copies max lower bound | median CI width copies |",
+             "|---|---|---|---|---|---|---|"]
+    for rule in RULES:
+        c, h = res["summary"]["copies"][rule], res["summary"]["helpful"][rule]
+        lines.append(f"| {rule} | {_rate(c)} | {_rate(h)} | {c['delta_mean']:+.4f} ({c['delta_sd'] or 0:.4f}) | "
+                     f"{h['delta_mean']:+.4f} ({h['delta_sd'] or 0:.4f}) | {c['lower_bound_max']:+.4f} | "
+                     f"{c['ci_width_median']:.4f} |")
     lines += ["", f"Baseline val macro-F1 (mean over models): {res['baseline_macro_f1_mean']:.4f}. "
               f"Wall time {res['seconds']:.0f} s on {res['machine']}.",
-              "", "`gate.seeds = 1` trials are the single-seed decisions of the same models (3 per repeat, "
-              "sharing the repeat's data), so they are not fully independent."]
+              "", "One-seed trials are the single-seed decisions of the same models (3 per repeat, sharing the "
+              "repeat's data), so they are not fully independent; 2-seed trials use models 0 and 1."]
     return "\n".join(lines) + "\n"
 
 
@@ -167,6 +210,8 @@ def main() -> None:
     ap.add_argument("--dataset", choices=sorted(PROFILES), default="digits")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--train-per-class", type=int, default=20)
+    ap.add_argument("--pool-per-class", type=int, default=20,
+                    help="helpful pool: this many other training-split images a class (at most half the class)")
     ap.add_argument("--control", type=int, default=0, metavar="N",
                     help="instead: N splits of the order control (permuted data and copies vs baseline, one seed)")
     args = ap.parse_args()
@@ -188,21 +233,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gate_copies_") as tmp:
         for r in range(args.repeats):
             t = time.time()
-            row = one_repeat(r, data, profile, args.train_per_class, Path(tmp))
+            row = one_repeat(r, data, profile, args.train_per_class, args.pool_per_class, Path(tmp))
             rows.append(row)
-            print(f"repeat {r}: seeds=3 {'ACCEPT' if row['seeds3']['accepted'] else 'reject'} "
-                  f"Δ {row['seeds3']['delta']['value']:+.4f} lower {row['seeds3']['delta']['ci'][0]:+.4f}; "
-                  f"seeds=1 accepted {sum(d['accepted'] for d in row['seeds1'])}/3 ({time.time() - t:.0f} s)",
-                  flush=True)
+            msg = "; ".join(f"{pool}: " + " ".join(str(sum(d["accepted"] for d in row[pool][rule]))
+                                                   for rule in RULES) for pool in POOLS)
+            print(f"repeat {r} accepted per rule ({time.time() - t:.0f} s): {msg}", flush=True)
     clf = profile["clf"]
     res = {"dataset": args.dataset, "repeats": args.repeats, "train_per_class": args.train_per_class,
-           "augment": profile["data"].augment, "image_size": profile["data"].image_size,
+           "pool_per_class": args.pool_per_class, "augment": profile["data"].augment,
+           "image_size": profile["data"].image_size,
            "classifier": {"arch": clf.arch, "model_kwargs": clf.model_kwargs, "steps": clf.steps,
                           "batch_size": clf.batch_size, "lr": clf.lr, "synthetic_share": clf.synthetic_share},
-           "gate": {"metric": "macro_f1", "min_delta": 0.0, "tolerance": 0.05, "n_bootstrap": 1000,
-                    "confidence": 0.95},
-           "summary": {"seeds1": summarise([d for row in rows for d in row["seeds1"]]),
-                       "seeds3": summarise([row["seeds3"] for row in rows])},
+           "gate": {"metric": G.metric, "tolerance": G.tolerance, "n_bootstrap": G.n_bootstrap,
+                    "confidence": G.confidence},
+           "rules": {rule: {"models": groups, "seeds": cfg.seeds, "bootstrap": cfg.bootstrap,
+                            "min_delta": cfg.min_delta, "noise_floor": cfg.noise_floor}
+                     for rule, (groups, cfg) in RULES.items()},
+           "summary": {pool: {rule: summarise([d for row in rows for d in row[pool][rule]]) for rule in RULES}
+                       for pool in POOLS},
            "baseline_macro_f1_mean": float(np.mean([v for row in rows for v in row["baseline_macro_f1"]])),
            "seconds": time.time() - start, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
            "rows": rows}
