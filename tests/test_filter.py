@@ -30,7 +30,9 @@ from vision_si.similarity import max_similarity, pixel_vectors, unit_rows
 K, DIM = 3, 16
 # 8×8 digits of one class correlate up to ~0.98 with their nearest neighbour, so the pixel thresholds
 # sit above that here; the embedding thresholds stay at their defaults.
-CFG = FilterConfig(memorisation_pixel=0.99, leak_pixel=0.99, duplicate_pixel=0.99)
+# fixed thresholds here; the real-data percentiles (the defaults) are tested on their own below
+CFG = FilterConfig(memorisation_pixel=0.99, leak_pixel=0.99, duplicate_pixel=0.99, fidelity_percentile=None,
+                   memorisation_percentile=None, leak_percentile=None)
 
 
 def _probs(label: int, p: float) -> np.ndarray:
@@ -200,6 +202,11 @@ def test_percentile_thresholds_come_from_the_real_data(world):
     np.fill_diagonal(sims, -np.inf)
     assert res.thresholds["memorisation"]["pixel_threshold_"] == pytest.approx(
         np.percentile(sims.max(1), 99), abs=1e-5)
+    # leakage with a percentile: the same real-to-real yardstick, and a copy of a test image still leaks
+    leak = filter_candidates(dataclasses.replace(cfg, leak_percentile=99.0), **kwargs, real_val_critic_probs=val_p,
+                             real_val_labels=val_y)
+    assert leak.thresholds["leakage"]["pixel_threshold_"] == pytest.approx(np.percentile(sims.max(1), 99), abs=1e-5)
+    assert next(r for r in leak.rows if r["id"] == "syn-bad-leak")["reason"] == "leak"
 
 
 def test_lof_realism_rejects_the_outlier(world):

@@ -122,8 +122,9 @@ class FilterConfig:
     duplicate_cosine: float = 0.995
     duplicate_pixel: float = 0.98
     # Thresholds taken from the real data's own scores instead of the fixed values above (null: fixed).
-    fidelity_percentile: float | None = None  # fidelity_min := this percentile of the critic's true-class prob on real val
-    memorisation_percentile: float | None = None  # memorisation_* := this percentile of real train's nearest-other-real similarity
+    fidelity_percentile: float | None = 10.0  # fidelity_min := this percentile of the critic's true-class prob on real val
+    memorisation_percentile: float | None = 99.0  # memorisation_* := this percentile of real train's nearest-other-real similarity
+    leak_percentile: float | None = 99.0  # leak_* := this percentile of real train's nearest-other-real similarity
     realism_method: Literal["knn", "lof"] = "knn"  # realism threshold is always realism_percentile of real train's own scores
     pixel_size: int = 16  # images are area-averaged to this size before the pixel correlation
 
@@ -434,6 +435,8 @@ def validate_config(cfg: RunConfig) -> None:
            f.fidelity_percentile, "0 to 50, or null")
     _check(f.memorisation_percentile is None or 50 <= f.memorisation_percentile <= 100,
            "filter.memorisation_percentile", f.memorisation_percentile, "50 to 100, or null")
+    _check(f.leak_percentile is None or 50 <= f.leak_percentile <= 100,
+           "filter.leak_percentile", f.leak_percentile, "50 to 100, or null")
     _check(2 <= f.pixel_size <= 256, "filter.pixel_size", f.pixel_size, "2 to 256")
     t = cfg.gate
     _check(-1 <= t.min_delta <= 1, "gate.min_delta", t.min_delta, "-1 to 1")
