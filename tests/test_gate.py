@@ -287,7 +287,7 @@ def test_auto_noise_floor_asks_the_lower_bound_to_clear_the_between_seed_spread(
     base3, cand3 = seeds_with_gains(labels, base, [100, 20, 60])  # every seed gains, by very different amounts
     kw = dict(val_labels=labels, baseline_preds=base3, candidate_preds=cand3, classes=CLASSES)
     plain = decide(GateConfig(seeds=3, tolerance=1.0), **kw)
-    assert plain.accepted and plain.noise_floor == 0.0
+    assert plain.accepted and plain.noise_floor == 0.0 and "noise" not in plain.reason
     floor = decide(GateConfig(seeds=3, tolerance=1.0, noise_floor="auto"), **kw)
     assert floor.noise_floor == pytest.approx(np.std(floor.delta["per_seed"], ddof=1))
     assert floor.delta["ci"] == plain.delta["ci"]

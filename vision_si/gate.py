@@ -181,11 +181,11 @@ def decide(cfg: GateConfig, *, val_labels: np.ndarray, baseline_preds: np.ndarra
     if would_accept:
         code = "gain"
         reason = f"{interval} > {threshold:.4g} ({bar}) and no class's recall drops by more than {cfg.tolerance:g}"
-        if floor_note and floor == 0:
-            reason += f"; {floor_note}"
     else:
         code = "no_confident_gain" if not gain else "class_regression"
         reason = "; ".join(reasons)
+    if floor_note and floor == 0:  # "auto" with one seed: say that no floor could be estimated
+        reason += f"; {floor_note}"
     if not cfg.enabled:
         code = "gate_off"
         reason = f"gate off (ablation): accepted without proof; the gate would have {'accepted' if would_accept else 'rejected'} ({reason})"
@@ -210,7 +210,7 @@ def _noise_floor(setting: Any, seed_sd: float | None) -> tuple[float, str]:
             return 0.0, ("noise_floor auto: one seed gives no estimate of training noise (a single-seed gate "
                          "accepted exact copies in about 8 % of trials; use gate.seeds >= 3)")
         return float(seed_sd), "auto: between-seed sd of the per-seed deltas"
-    return float(setting), "gate.noise_floor"
+    return float(setting), "gate.noise_floor" if setting else ""
 
 
 # --------------------------------------------------------------------------- retrain and compare
