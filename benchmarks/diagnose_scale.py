@@ -3,7 +3,8 @@
 Synthetic embeddings (each class a mixture of a few Gaussian sub-groups, one planted weak slice) and
 simulated predictions go through `vision_si.diagnose.diagnose` with the default config. The run is
 timed without instrumentation, then repeated under tracemalloc to measure the memory the diagnosis
-allocates on top of its inputs; peak RSS of the process is read from getrusage.
+allocates on top of its inputs; peak RSS of the process is read from getrusage. The machine's load
+average is recorded too: on a shared 2-core machine other processes can slow the run many times.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/diagnose_scale.py [--n 200000] [--width 512]
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -103,13 +105,15 @@ def main(argv: list[str] | None = None) -> dict:
         "planted_slice_val_recall": float((flagged & truth).sum() / max(1, truth.sum())),
         "data_generation_s": gen_s,
         "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
-                    "cpus": __import__("os").cpu_count()},
+                    "cpus": os.cpu_count(), "load_average_1_5_15_min_at_end": list(os.getloadavg())},
         "config": cfg.__dict__,
     }
     print(f"diagnose: {args.n} x {args.width} over {args.classes} classes: median {result['seconds']['median']:.1f} s "
           f"({', '.join(f'{x:.1f}' for x in times)}); steps {', '.join(f'{k} {x:.1f}s' for k, x in diag.timings_s.items())}")
     print(f"memory: inputs {inputs_mb:.0f} MB, peak RSS {rss_before:.0f} MB before / {rss_after:.0f} MB after, "
           f"diagnosis allocations peak {traced_peak / 2**20:.0f} MB (tracemalloc)")
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          f"on {os.cpu_count()} CPUs (other processes slow every figure above)")
     print(f"planted slice: {len(weak_ids)} weak slice(s), val precision {result['planted_slice_val_precision']:.2f}, "
           f"recall {result['planted_slice_val_recall']:.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
