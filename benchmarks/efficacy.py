@@ -428,10 +428,33 @@ def evidence(result: dict[str, Any]) -> str:
             for k, v in (r.get("rejected_by_filter") or {}).items():
                 reasons[k] = reasons.get(k, 0) + v
         top = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]) if v)
+        codes: dict[str, int] = {}
+        for _, r in gates:
+            code = (r.get("gate") or {}).get("reason_code", "none")
+            codes[code] = codes.get(code, 0) + 1
         lines.append(f"Inside E (val side only): the filter passed {passed} of {gen} generated images "
-                     f"(rejections: {top or 'none'}); the gate accepted {acc} of {len(gates)} round(s); "
+                     f"(rejections: {top or 'none'}); the gate accepted {acc} of {len(gates)} round(s) "
+                     f"({', '.join(f'{k} {v}' for k, v in codes.items())}); "
                      f"val {gates[0][1].get('gate', {}).get('metric', 'macro_f1')} deltas of the retrained model "
                      f"against round 0: {deltas}.")
+    for arm, by_seed in result["loop_runs"].items():
+        if arm == "E":
+            continue
+        bits = []
+        for s, rec in by_seed.items():
+            for r in rec["rounds"]:
+                g = r.get("gate") or {}
+                d = g.get("delta") or {}
+                ci = d.get("ci") or [float("nan"), float("nan")]
+                bits.append(f"s{s}: {r.get('accepted_by_filter')}/{r.get('generated')} passed the filter, gate "
+                            f"{g.get('decision', '-')} (val Δ {d.get('value', float('nan')):+.3f} "
+                            f"[{ci[0]:+.3f}, {ci[1]:+.3f}])")
+        lines.append(f"Ablation {arm}: " + "; ".join(bits) + ".")
+    n_scarce = result.get("val_per_class", {}).get(result["scarcest_class"])
+    tol = result.get("config", {}).get("gate", {}).get("tolerance")
+    if n_scarce and tol is not None and tol < 1 / n_scarce:
+        lines.append(f"Note: val holds {n_scarce} images of {result['scarcest_class']}, so one image moves its recall "
+                     f"by {1 / n_scarce:.3f}, more than the gate's per-class tolerance {tol}.")
     val = result.get("val", {})
     if "B" in val and "E" in val:
         lines.append(f"On val, E's final models average macro-F1 {val['E']['pooled']['macro_f1']['value']:.3f} and "
@@ -446,7 +469,11 @@ def markdown(result: dict[str, Any]) -> str:
     md = [f"# Efficacy on ELPV: profile `{result['profile']}`, protocol `{result['protocol']}`", "",
           f"Command: `{result['command']}`  ", f"Wall time of this invocation: {result['wall_s'] / 60:.1f} min; "
           f"test images: {result['n_test']}; classifier `{result['recipe']['arch']}`, {result['recipe']['steps']} "
-          f"steps × batch {result['recipe']['batch_size']}, {result['image_size']} px.", ""]
+          f"steps × batch {result['recipe']['batch_size']}, {result['image_size']} px.  ",
+          "Runs gathered from the work folder (earlier invocations included): "
+          + ", ".join(f"{a} {len(v)} seed(s)" for a, v in result["runs"].items())
+          + f"; their wall times sum to {sum((r.get('seconds') or 0) for v in result['runs'].values() for r in v.values()) / 60:.0f} min "
+          "(some ran in parallel; a run's time includes waiting for a shared generator).", ""]
     if result["protocol"] == "deitsch":
         md += ["## Deitsch et al. (2019) protocol", "", result["deitsch"]["note"], "",
                "| | 4-class accuracy |", "|---|---|"]
@@ -501,6 +528,37 @@ def markdown(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- driver
 
 
+def reuse_work(profile: dict[str, Any], bench: Bench, seeds: Sequence[int]) -> None:
+    """Take over another profile's work that this one would repeat bit for bit: arms A and B, the shared
+    generator, and E's round 0 and round-1 generation. Allowed only when the two run configs agree on
+    everything but the filter, the gate and the name, which those products never read."""
+    other = load_profile(profile["reuse"])
+    src = RESULTS / "work" / f"efficacy_{other.get('name')}"
+
+    def comparable(p: dict[str, Any]) -> dict[str, Any]:
+        d = config_to_dict(run_config(p))
+        return {k: v for k, v in d.items() if k not in ("name", "filter", "gate")}
+
+    if comparable(other) != comparable(profile):
+        raise ConfigError(f"reuse: profile '{profile['reuse']}' differs from this one outside filter/gate/name")
+    if (src / "generators").is_dir():
+        bench.gen_cache.mkdir(parents=True, exist_ok=True)
+        for entry in (src / "generators").iterdir():
+            if entry.is_dir() and not entry.name.endswith((".partial",)) and not (bench.gen_cache / entry.name).exists():
+                shutil.copytree(entry, bench.gen_cache / entry.name)
+    for s in seeds:
+        for arm in ("A", "B"):
+            a, b = src / f"seed-{s}" / arm, bench.arm_dir(arm, s)
+            if (a / "result.json").is_file() and not b.exists():
+                shutil.copytree(a, b)
+        e_src, e_dst = src / f"seed-{s}" / "E" / "run", bench.arm_dir("E", s) / "run"
+        for stage in ("round-00/train", "round-00/diagnose", "round-01/generate"):
+            if (e_src / stage).is_dir() and not (e_dst / stage).exists():
+                shutil.copytree(e_src / stage, e_dst / stage)
+        if (e_src / "splits.csv").is_file() and not (e_dst / "splits.csv").exists():
+            shutil.copy2(e_src / "splits.csv", e_dst / "splits.csv")
+
+
 def run_benchmark(profile: dict[str, Any], *, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                   protocol: str = "default", work: Path | None = None, out_stem: Path | None = None,
                   progress: bool = False, echo: Callable[[str], None] = print, command: str = "") -> dict[str, Any]:
@@ -520,6 +578,8 @@ def run_benchmark(profile: dict[str, Any], *, arms: Sequence[str] | None = None,
     work = Path(work) if work is not None else RESULTS / "work" / f"efficacy_{name}{suffix}"
     out_stem = Path(out_stem) if out_stem is not None else RESULTS / f"efficacy_{name}{suffix}"
     bench = Bench(profile, work, protocol=protocol, progress=progress, echo=echo)
+    if profile.get("reuse") and protocol == "default":
+        reuse_work(profile, bench, seeds)
     # seed-major order: every finished seed is a complete comparison if time runs out
     for s in seeds:
         for a in arms:
@@ -538,6 +598,7 @@ def run_benchmark(profile: dict[str, Any], *, arms: Sequence[str] | None = None,
         "config": config_to_dict(cfg), "classes": classes, "scarcest_class": classes[int(np.argmin(counts))],
         "n_train": int(len(bench.real.y["train"])), "n_val": int(len(bench.real.y["val"])),
         "n_test": int(len(bench.real.y["test"])), "image_size": cfg.data.image_size,
+        "val_per_class": _per_class(bench.real.y["val"].tolist(), classes),
         "recipe": {k: getattr(cfg.classifier, k) for k in ("arch", "steps", "batch_size", "lr", "synthetic_share")},
         "test": evaluate(records, bench.real, n_bootstrap=n_boot, split="test"),
         "runs": {a: {str(s): {k: v for k, v in r.items() if not k.endswith("_preds")} for s, r in by.items()}
