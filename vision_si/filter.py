@@ -323,6 +323,16 @@ class _NearCopyFilter(CandidateFilter):
     def _near(self, scores: np.ndarray) -> np.ndarray:
         return _at_least(scores[:, 0], self.cosine_threshold_) | _at_least(scores[:, 1], self.pixel_threshold_)
 
+    def _set_thresholds(self, real: RealReference, percentile: float | None) -> None:
+        """The fixed thresholds, or with `percentile` that percentile of real train's nearest-other-real
+        similarities: a near-copy is then closer than real images come to each other."""
+        self.cosine_threshold_, self.pixel_threshold_ = float(self.cosine), float(self.pixel)
+        if percentile is not None:
+            cos, pix = real.train_self_similarity
+            if np.isfinite(cos).any():
+                self.cosine_threshold_ = float(np.nanpercentile(cos, percentile))
+                self.pixel_threshold_ = float(np.nanpercentile(pix, percentile))
+
 
 @register_filter("memorisation")
 class MemorisationFilter(_NearCopyFilter):
@@ -338,12 +348,7 @@ class MemorisationFilter(_NearCopyFilter):
 
     def fit(self, real: RealReference) -> MemorisationFilter:
         self.train_emb_, self.train_pixels_ = real.train_emb, real.train_pixels
-        self.cosine_threshold_, self.pixel_threshold_ = float(self.cosine), float(self.pixel)
-        if self.percentile is not None:
-            cos, pix = real.train_self_similarity
-            if np.isfinite(cos).any():
-                self.cosine_threshold_ = float(np.nanpercentile(cos, self.percentile))
-                self.pixel_threshold_ = float(np.nanpercentile(pix, self.percentile))
+        self._set_thresholds(real, self.percentile)
         return self
 
     def score(self, cands: Candidates) -> np.ndarray:
@@ -370,14 +375,7 @@ class LeakageFilter(_NearCopyFilter):
     def fit(self, real: RealReference) -> LeakageFilter:
         self.eval_emb_, self.eval_pixels_ = real.eval_emb, real.eval_pixels
         self.eval_sha256_ = frozenset(real.eval_sha256 or ())
-        self.cosine_threshold_, self.pixel_threshold_ = float(self.cosine), float(self.pixel)
-        if self.percentile is not None:
-            # "near-copy of a val/test image" = closer to it than real training images come to their
-            # own nearest neighbour (at this percentile); exact byte copies are caught by sha256 anyway
-            cos, pix = real.train_self_similarity
-            if np.isfinite(cos).any():
-                self.cosine_threshold_ = float(np.nanpercentile(cos, self.percentile))
-                self.pixel_threshold_ = float(np.nanpercentile(pix, self.percentile))
+        self._set_thresholds(real, self.percentile)  # exact byte copies are caught by sha256 anyway
         return self
 
     def score(self, cands: Candidates) -> np.ndarray:
