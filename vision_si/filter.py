@@ -536,12 +536,15 @@ def read_reviews(path: str | Path) -> dict[str, str] | None:
     if not path.exists():
         return None
     out: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        for n, row in enumerate(csv.DictReader(fh), start=2):
-            verdict = (row.get("verdict") or "").strip().lower()
-            if not (row.get("id") or "").strip() or verdict not in ("accept", "reject"):
-                raise DataError(f"{path}: line {n} needs an id and a verdict of 'accept' or 'reject', got {row}")
-            out[row["id"].strip()] = verdict
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for n, row in enumerate(csv.DictReader(text.splitlines()), start=2):
+        verdict = (row.get("verdict") or "").strip().lower()
+        if not (row.get("id") or "").strip() or verdict not in ("accept", "reject"):
+            raise DataError(f"{path}: line {n} needs an id and a verdict of 'accept' or 'reject', got {row}")
+        out[row["id"].strip()] = verdict
     return out
 
 

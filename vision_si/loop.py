@@ -17,7 +17,6 @@ not simply repeat what the gate refused.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ from vision_si.data import (
 from vision_si.data.images import load_image_files, run_channels
 from vision_si.diagnose import Diagnosis, diagnose
 from vision_si.errors import ConfigError, EvaluationInvariantError, InputError, RunDirError
-from vision_si.filter import FilterResult, filter_candidates
+from vision_si.filter import FilterResult, filter_candidates, read_reviews
 from vision_si.gate import GateDecision, run_gate
 from vision_si.generators import GenerationRequest
 from vision_si.generators.presets import resolve_preset
@@ -453,22 +452,6 @@ class Loop:
         }
         atomic_write_json(rd / "summary.json", summary)
         return summary
-
-
-def read_reviews(path: Path) -> dict[str, str] | None:
-    """`reviews.csv` (id, verdict): a human's accept/reject that overrides the filter's decision."""
-    if not path.exists():
-        return None
-    out = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise RunDirError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    for n, row in enumerate(csv.DictReader(text.splitlines()), start=2):
-        if not row.get("id") or row.get("verdict") not in ("accept", "reject"):
-            raise RunDirError(f"{path}: line {n} needs an id and a verdict of 'accept' or 'reject', got {row}")
-        out[row["id"]] = row["verdict"]
-    return out
 
 
 def run_loop(cfg: RunConfig, run_dir: Path | None = None, *, progress: bool = True,
