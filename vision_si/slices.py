@@ -37,6 +37,7 @@ from scipy import stats
 from sklearn.cluster import HDBSCAN
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
 
 from vision_si.config import DiagnoseConfig
 from vision_si.metrics import wilson_interval
@@ -182,6 +183,16 @@ def find_slices(cfg: DiagnoseConfig, *, classes: list[str], val_labels: np.ndarr
     per class the exemplar ids for a class-level allocation (training images nearest the class's
     misclassified or lowest-margin val images outside its weak slices).
     """
+    # the work here is many small fits (PCA width, k-means init of the mixtures): BLAS and OpenMP
+    # threads only add synchronisation, and on a busy 2-core machine their spinning made this step
+    # 3-30 times slower than one thread (benchmarks/diagnose_scale.py)
+    with threadpool_limits(limits=1):
+        return _find_slices(cfg, classes, val_labels, val_preds, val_margins, val_embeddings, val_ids,
+                            train_labels, train_embeddings, train_ids, seed)
+
+
+def _find_slices(cfg, classes, val_labels, val_preds, val_margins, val_embeddings, val_ids, train_labels,
+                 train_embeddings, train_ids, seed):
     val_slice = np.full(val_labels.shape[0], "", dtype=object)
     train_slice = np.full(train_labels.shape[0], "", dtype=object)
     clusters: list[_Cluster] = []
