@@ -287,9 +287,10 @@ def test_near_copy_of_a_val_image_in_the_pool_stops_the_run(run_copy):
     rng = np.random.default_rng(0)
     near = np.clip(val[3:4] + rng.normal(0, 0.01, val[3:4].shape), 0, 1).astype(np.float32)
     unrelated = rng.random((2, *val.shape[1:]), dtype=np.float32)
-    loop.check_near_copies(data, unrelated, ["syn-x-0", "syn-x-1"])  # nothing like val/test: passes
+    loop.check_near_copies(data, unrelated, ["syn-x-0", "syn-x-1"], [0.95, 0.95])  # nothing like val/test: passes
     with pytest.raises(EvaluationInvariantError, match=f"syn-x-2.*{data.ids('val')[3]}"):
-        loop.check_near_copies(data, np.concatenate([unrelated, near]), ["syn-x-0", "syn-x-1", "syn-x-2"])
+        loop.check_near_copies(data, np.concatenate([unrelated, near]), ["syn-x-0", "syn-x-1", "syn-x-2"],
+                               [0.95, 0.95, 0.95])
     events = [json.loads(line) for line in (run_copy / "events.jsonl").read_text().splitlines()]
     assert events[-1] == {**events[-1], "event": "test_pixels_read", "purpose": "invariant check"}
 

@@ -100,11 +100,13 @@ class Pool:
     ids: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
+    leak_pixel: list[float] = field(default_factory=list)  # the leak threshold each image passed
 
-    def add(self, ids: list[str], labels: np.ndarray, images: np.ndarray) -> None:
+    def add(self, ids: list[str], labels: np.ndarray, images: np.ndarray, leak_pixel: float) -> None:
         self.ids += list(ids)
         self.labels += [int(v) for v in labels]
         self.images += list(images)
+        self.leak_pixel += [float(leak_pixel)] * len(ids)
 
     def arrays(self, channels: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         if not self.ids:
@@ -216,20 +218,26 @@ class Loop:
                     f"{path}: row '{row['id']}' (split {row['split']}) is a synthetic image (by id or sha256); "
                     "splits.csv must list real images only; the run is stopped")
 
-    def check_near_copies(self, data: RealData, images: np.ndarray, ids: list[str]) -> None:
-        """No synthetic image about to count in an evaluation is a near-copy (pixels) of a val/test image."""
+    def check_near_copies(self, data: RealData, images: np.ndarray, ids: list[str],
+                          thresholds: list[float]) -> None:
+        """No synthetic image about to count in an evaluation is a near-copy (pixels) of a val/test image.
+
+        Each image is held to the leak threshold the leakage filter applied to it (fixed, or
+        calibrated on the real data), so the check catches what slipped past or was tampered with.
+        """
         if not len(images):
             return
         eval_x = np.concatenate([data.pixels("val"), self._test_pixels_for_leak_check(data, "invariant check")])
         size = min(self.cfg.filter.pixel_size, self.cfg.data.image_size)  # as the leakage filter compares
         sims, where = max_similarity(pixel_vectors(images, size), pixel_vectors(eval_x, size))
-        bad = np.flatnonzero(sims >= self.cfg.filter.leak_pixel)
+        limit = np.asarray(thresholds, dtype=np.float64)
+        bad = np.flatnonzero(sims >= limit)
         if len(bad):
             eval_ids = data.ids("val") + data.ids("test")
             i = int(bad[0])
             raise EvaluationInvariantError(
                 f"synthetic image '{ids[i]}' is a near-copy of evaluation image '{eval_ids[where[i]]}' "
-                f"(pixel correlation {sims[i]:.3f} >= filter.leak_pixel {self.cfg.filter.leak_pixel}) "
+                f"(pixel correlation {sims[i]:.4f} >= the leak threshold {limit[i]:.4f}) "
                 f"in {self.run_dir}; the run is stopped")
 
     # ------------------------------------------------------------------ the loop
@@ -282,12 +290,13 @@ class Loop:
             fres = FilterResult.load(rd / tag / "filter")
             keep = np.isin(cand_ids, list(fres.accepted_ids))
             new_ids = [i for i, k in zip(cand_ids, keep, strict=True) if k]
+            leak_pixel = leak_pixel_threshold(fres, cfg.filter.leak_pixel)
             if not self._stage(f"{tag}/gate", partial(self.gate, data, pool, models, new_ids, cand_labels[keep],
-                                                      cand_x[keep], diag), keep_partial=True):
+                                                      cand_x[keep], diag, leak_pixel), keep_partial=True):
                 return rd
             decision = GateDecision.load(rd / tag / "gate")
             if decision.accepted and new_ids:
-                pool.add(new_ids, cand_labels[keep], cand_x[keep])
+                pool.add(new_ids, cand_labels[keep], cand_x[keep], leak_pixel)
                 models = [self.load_model(rd / tag / "gate" / f"candidate-{k}", data) for k in range(len(seeds))]
                 if not self._stage(f"{tag}/diagnose", partial(self.diagnose, data, pool, models[0])):
                     return rd
@@ -378,12 +387,13 @@ class Loop:
         return data.pixels("test")
 
     def gate(self, data: RealData, pool: Pool, models: list[TrainedClassifier], new_ids: list[str],
-             new_labels: np.ndarray, new_x: np.ndarray, diag: Diagnosis, out: Path) -> None:
+             new_labels: np.ndarray, new_x: np.ndarray, diag: Diagnosis, leak_pixel: float, out: Path) -> None:
         val_x = data.pixels("val")
         baseline_preds = np.stack([self._predict(m, val_x).probs.argmax(1) for m in models])
         pool_x, pool_y = pool.arrays(self.channels, self.cfg.data.image_size)
         self.check_invariants(data, pool.ids + new_ids)
-        self.check_near_copies(data, np.concatenate([pool_x, new_x]) if len(pool_x) else new_x, pool.ids + new_ids)
+        self.check_near_copies(data, np.concatenate([pool_x, new_x]) if len(pool_x) else new_x, pool.ids + new_ids,
+                               pool.leak_pixel + [leak_pixel] * len(new_ids))
         weak = sorted({a.class_index for a in diag.budget}) or None
         decision = run_gate(
             self.cfg.gate, self.cfg.classifier, train_images=data.pixels("train"), train_labels=data.labels("train"),
@@ -396,7 +406,7 @@ class Loop:
     def final(self, data: RealData, pool: Pool, model: TrainedClassifier, synthetic_ids: list[str], out: Path) -> None:
         self.check_invariants(data, synthetic_ids)
         pool_x, _ = pool.arrays(self.channels, self.cfg.data.image_size)
-        self.check_near_copies(data, pool_x, pool.ids)
+        self.check_near_copies(data, pool_x, pool.ids, pool.leak_pixel)
         baseline = self.load_model(self.run_dir / "round-00/train/seed-0", data)
         # A kill during this stage may redo the same evaluation (same two checkpoints); evaluating
         # any other model on `test` after it has been read is refused.
@@ -452,6 +462,14 @@ class Loop:
         }
         atomic_write_json(rd / "summary.json", summary)
         return summary
+
+
+def leak_pixel_threshold(result: FilterResult, default: float) -> float:
+    """The pixel-correlation threshold the leakage filter applied in a round."""
+    try:
+        return float(result.thresholds["leakage"]["pixel_threshold_"])
+    except (KeyError, TypeError, ValueError):
+        return float(default)
 
 
 def run_loop(cfg: RunConfig, run_dir: Path | None = None, *, progress: bool = True,
