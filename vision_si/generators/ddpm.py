@@ -217,7 +217,8 @@ class DDPMGenerator:
                                                on_step=on_step)
         self.train_seconds_ = time.perf_counter() - t0
         self.loss_history_, self.trained_steps_ = losses, trained
-        self._set_pipeline(ClassConditionalPipeline(ema_unet, make_scheduler(s["sample"]["sampler"], noise_schedule(s["train"]).config)))
+        sampler = make_scheduler(s["sample"]["sampler"], noise_schedule(s["train"]).config)
+        self._set_pipeline(ClassConditionalPipeline(ema_unet, sampler))
 
     def _set_pipeline(self, pipe: ClassConditionalPipeline) -> None:
         pipe.set_sampler(self.settings()["sample"]["sampler"])
