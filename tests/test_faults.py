@@ -20,8 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from vision_si import cli
+from cli_helpers import vsi
 
 TINY = {
     "name": "faults", "seed": 0,
@@ -33,21 +32,6 @@ TINY = {
     "gate": {"n_bootstrap": 100},
     "loop": {"max_rounds": 1},
 }
-
-
-def vsi(capsys, *args) -> tuple[int, str]:
-    capsys.readouterr()
-    old, sys.argv = sys.argv, ["vsi", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "internal error" not in err, err
-    return code, err
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,14 @@ import ast
 import json
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from cli_helpers import vsi
 
-from vision_si import cli
 from vision_si.errors import EvaluationInvariantError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vision_si"
@@ -48,21 +47,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-def vsi(capsys, *args) -> tuple[int, str]:
-    capsys.readouterr()
-    old, sys.argv = sys.argv, ["vsi", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "internal error" not in err, err
-    return code, err
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,23 @@
+"""Run the real `vsi` entry point in-process, as the reliability tests do."""
+
+from __future__ import annotations
+
+import sys
+
+from vision_si import cli
+
+
+def vsi(capsys, *args) -> tuple[int, str]:
+    """`vsi ARGS` through `cli.main`; returns (exit code, stderr) and fails on any traceback."""
+    capsys.readouterr()
+    old, sys.argv = sys.argv, ["vsi", *map(str, args)]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+    return code, err
