@@ -451,8 +451,9 @@ def evidence(result: dict[str, Any]) -> str:
                             f"[{ci[0]:+.3f}, {ci[1]:+.3f}])")
         lines.append(f"Ablation {arm}: " + "; ".join(bits) + ".")
     n_scarce = result.get("val_per_class", {}).get(result["scarcest_class"])
-    tol = result.get("config", {}).get("gate", {}).get("tolerance")
-    if n_scarce and tol is not None and tol < 1 / n_scarce:
+    gate_cfg = result.get("config", {}).get("gate", {})
+    tol = gate_cfg.get("tolerance")
+    if n_scarce and tol is not None and tol < 1 / n_scarce and not gate_cfg.get("tolerance_min_images"):
         lines.append(f"Note: val holds {n_scarce} images of {result['scarcest_class']}, so one image moves its recall "
                      f"by {1 / n_scarce:.3f}, more than the gate's per-class tolerance {tol}.")
     val = result.get("val", {})

@@ -79,6 +79,37 @@ def test_a_collapsing_class_is_refused_even_with_an_overall_gain(val):
     assert loose.accepted
 
 
+def scarce_val():
+    """Class d has only 16 val images, the others 100: one d image is a recall step of 0.0625."""
+    labels = np.concatenate([np.repeat(np.arange(3), 100), np.full(16, 3)])
+    base = labels.copy()
+    base[np.flatnonzero(labels == 3)[:6]] = 0  # d: 10 of 16 right
+    base[np.flatnonzero(labels == 0)[:40]] = 1  # room for a gain on a, b, c
+    base[np.flatnonzero(labels == 1)[:40]] = 2
+    return labels, base
+
+
+@pytest.mark.parametrize(("lost", "regressed"), [(1, False), (2, True)])
+def test_a_scarce_class_may_lose_one_val_image_but_not_two(lost, regressed):
+    labels, base = scarce_val()
+    cand = fix_errors(labels, base, np.flatnonzero((base != labels) & (labels != 3)))  # a, b, c perfect
+    d_right = np.flatnonzero((base == labels) & (labels == 3))
+    cand[d_right[:lost]] = 0  # d loses `lost` of its 10 hits: recall -0.0625 per image
+    d = decide(GateConfig(tolerance=0.05), val_labels=labels, baseline_preds=base, candidate_preds=cand,
+               classes=CLASSES)
+    assert d.delta["ci"][0] > 0, "the overall gain is confident"
+    assert d.per_class["d"]["delta"] == pytest.approx(-lost / 16)
+    assert d.per_class["d"]["allowed"] == pytest.approx(1 / 16)
+    assert d.per_class["a"]["allowed"] == pytest.approx(0.05), "100 images: the plain tolerance is finer"
+    assert (d.regressions == ["d"]) is regressed and d.accepted is not regressed
+    if regressed:
+        assert "1 val image(s) of the class" in d.reason and "allowed -0.0625" in d.reason
+    # the floor off (tolerance_min_images 0): the plain tolerance calls even one flipped image a regression
+    plain = decide(GateConfig(tolerance=0.05, tolerance_min_images=0), val_labels=labels, baseline_preds=base,
+                   candidate_preds=cand, classes=CLASSES)
+    assert plain.regressions == ["d"] and not plain.accepted
+
+
 def test_several_seeds_decide_on_the_paired_mean(val):
     labels, base, _ = val
     errors = np.flatnonzero(base != labels)

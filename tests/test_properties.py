@@ -85,6 +85,7 @@ VALID = {
     "filter.enabled": st.lists(st.sampled_from(FILTER_NAMES), unique=True),
     "filter.fidelity_percentile": st.none() | st.floats(0, 50),
     "gate.tolerance": st.floats(0, 1),
+    "gate.tolerance_min_images": st.integers(0, 1000),
     "gate.seeds": st.integers(1, 20),
     "gate.metric": st.sampled_from(["macro_f1", "balanced_accuracy", "weak_class_recall"]),
     "loop.max_rounds": st.integers(0, 100),

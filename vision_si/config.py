@@ -135,6 +135,9 @@ class GateConfig:
     metric: Literal["macro_f1", "balanced_accuracy", "weak_class_recall"] = "macro_f1"
     min_delta: float = 0.0
     tolerance: float = 0.05  # largest allowed drop of any class's val recall
+    # ...but never finer than this many val images of the class: with 16 val images of a class one image
+    # moves its recall by 0.0625, so a 0.05 tolerance would call any single flip a regression (0 = off)
+    tolerance_min_images: int = 1
     n_bootstrap: int = 1000
     confidence: float = 0.95
     seeds: int = 1  # models trained per side; decision on the paired mean
@@ -441,6 +444,8 @@ def validate_config(cfg: RunConfig) -> None:
     t = cfg.gate
     _check(-1 <= t.min_delta <= 1, "gate.min_delta", t.min_delta, "-1 to 1")
     _check(0 <= t.tolerance <= 1, "gate.tolerance", t.tolerance, "0 to 1")
+    _check(isinstance(t.tolerance_min_images, int) and t.tolerance_min_images >= 0, "gate.tolerance_min_images",
+           t.tolerance_min_images, "an integer >= 0")
     _check(100 <= t.n_bootstrap <= 100_000, "gate.n_bootstrap", t.n_bootstrap, "100 to 100,000")
     _check(0.5 <= t.confidence < 1, "gate.confidence", t.confidence, "0.5 <= x < 1")
     _check(1 <= t.seeds <= 20, "gate.seeds", t.seeds, "1 to 20")

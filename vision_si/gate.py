@@ -10,7 +10,11 @@ resample). It accepts only if
 
 1. the lower end of the interval of the improvement `metric(candidate) - metric(baseline)` is
    above `gate.min_delta` and above the noise floor (`gate.noise_floor`, 0 by default), and
-2. no class's recall (mean over seeds) drops by more than `gate.tolerance`.
+2. no class's recall (mean over seeds) drops by more than its allowed drop:
+   `max(gate.tolerance, gate.tolerance_min_images / support)`. A class with 16 val images cannot
+   measure a recall change finer than 1/16 = 0.0625; a tolerance below that would call a single
+   flipped image a regression, so the allowed drop is never finer than `tolerance_min_images`
+   images of the class (1 by default; 0 restores the plain tolerance).
 
 A bootstrap over images does not see training noise: two models from different seeds differ even
 on the same data. Both sides therefore train from the same seeds. With `gate.seeds >= 2` and
@@ -61,7 +65,7 @@ class GateDecision:
     delta: dict[str, Any]  # {"value": x, "ci": [lo, hi], "p_not_better": p}
     min_delta: float
     tolerance: float
-    per_class: dict[str, dict[str, float | int | None]]  # class → before, after, delta (recall), support
+    per_class: dict[str, dict[str, float | int | None]]  # class → before, after, delta (recall), support, allowed
     regressions: list[str]  # classes whose recall dropped by more than `tolerance`
     bootstrap: dict[str, Any]
     seeds: list[int]
@@ -71,6 +75,7 @@ class GateDecision:
     weak_classes: list[int] | None = None
     training: dict[str, Any] = field(default_factory=dict)  # what run_gate trained, counts and seconds
     noise_floor: float = 0.0  # the floor the lower bound had to clear besides min_delta (resolved from "auto")
+    tolerance_min_images: int = 0  # the allowed drop was never below this many val images of the class
 
     @property
     def decision(self) -> str:
@@ -155,12 +160,13 @@ def decide(cfg: GateConfig, *, val_labels: np.ndarray, baseline_preds: np.ndarra
     regressions = []
     for c, name in enumerate(classes):
         if support[c] == 0:  # recall undefined: no val image of this class
-            per_class[name] = {"before": None, "after": None, "delta": None, "support": 0}
+            per_class[name] = {"before": None, "after": None, "delta": None, "support": 0, "allowed": None}
             continue
         d = float(r_after[c] - r_before[c])
+        allowed = max(cfg.tolerance, cfg.tolerance_min_images / support[c])
         per_class[name] = {"before": float(r_before[c]), "after": float(r_after[c]), "delta": d,
-                           "support": int(support[c])}
-        if d < -cfg.tolerance - 1e-12:
+                           "support": int(support[c]), "allowed": float(allowed)}
+        if d < -allowed - 1e-12:
             regressions.append(name)
 
     threshold = max(cfg.min_delta, floor)
@@ -173,14 +179,17 @@ def decide(cfg: GateConfig, *, val_labels: np.ndarray, baseline_preds: np.ndarra
     if not gain:
         reasons.append(f"the lower bound of the {cfg.metric} improvement ({pb['lower']:+.4f}) is not above "
                        f"{bar}: {interval}")
+    tol_rule = f"tolerance {cfg.tolerance:g}" + (f" or {cfg.tolerance_min_images} val image(s) of the class"
+                                                 if cfg.tolerance_min_images else "")
     if regressions:
         worst = min(regressions, key=lambda n: per_class[n]["delta"])
-        reasons.append(f"recall of {', '.join(repr(n) for n in regressions)} drops by more than tolerance "
-                       f"{cfg.tolerance:g} (worst {worst!r}: {per_class[worst]['delta']:+.4f})")
+        reasons.append(f"recall of {', '.join(repr(n) for n in regressions)} drops by more than {tol_rule} "
+                       f"(worst {worst!r}: {per_class[worst]['delta']:+.4f}, allowed "
+                       f"-{per_class[worst]['allowed']:.4f})")
     would_accept = gain and not regressions
     if would_accept:
         code = "gain"
-        reason = f"{interval} > {threshold:.4g} ({bar}) and no class's recall drops by more than {cfg.tolerance:g}"
+        reason = f"{interval} > {threshold:.4g} ({bar}) and no class's recall drops by more than {tol_rule}"
     else:
         code = "no_confident_gain" if not gain else "class_regression"
         reason = "; ".join(reasons)
@@ -200,7 +209,7 @@ def decide(cfg: GateConfig, *, val_labels: np.ndarray, baseline_preds: np.ndarra
                    "method": BOOTSTRAP_METHODS[method]},
         seeds=[int(s) for s in model_seeds] if model_seeds is not None else list(range(n_seeds)),
         n_val=int(labels.size), gate_enabled=cfg.enabled, would_accept=bool(would_accept), weak_classes=weak,
-        noise_floor=float(floor))
+        noise_floor=float(floor), tolerance_min_images=int(cfg.tolerance_min_images))
 
 
 def _noise_floor(setting: Any, seed_sd: float | None) -> tuple[float, str]:

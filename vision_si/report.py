@@ -132,8 +132,9 @@ class RunView:
                 out[key] = (v, src.get(f"{key}_ci"))
         per_class = src.get("per_class") or {}
         out["per_class"] = per_class if isinstance(per_class, dict) else {}
-        out["details"] = {k: src[k] for k in ("min_delta", "tolerance", "n_val", "seeds", "bootstrap", "regressions",
-                                               "gate_enabled", "would_accept") if k in src}
+        keys = ("min_delta", "tolerance", "tolerance_min_images", "n_val", "seeds", "bootstrap", "regressions",
+                "gate_enabled", "would_accept")
+        out["details"] = {k: src[k] for k in keys if k in src}
         return out
 
 
@@ -303,7 +304,10 @@ def gate_card(r: int, g: dict) -> str:
                for c, v in pc.items()]
     boot = d.get("bootstrap") if isinstance(d.get("bootstrap"), dict) else {}
     rule = (f"Accept when the lower end of the Δ interval is above {num(d.get('min_delta'))} and no class's recall "
-            f"drops by more than {num(d.get('tolerance'))}. {d.get('n_val', '?')} val images, "
+            f"drops by more than {num(d.get('tolerance'))}"
+            + (f" or {d['tolerance_min_images']} val image(s) of the class, whichever is larger"
+               if d.get("tolerance_min_images") else "")
+            + f". {d.get('n_val', '?')} val images, "
             f"{len(d.get('seeds') or [0])} seed(s) a side, {boot.get('n_bootstrap', '?')} paired bootstrap resamples.")
     off = ""
     if d.get("gate_enabled") is False:
