@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -171,6 +174,23 @@ def test_plots_are_written(tmp_path):
     assert f"slices/{diag.weak_slices[0].slice_id}.png" in names
     for p in paths:
         assert p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size > 1000
+
+
+def test_importing_and_plotting_leave_the_matplotlib_backend_and_pyplot_alone(tmp_path):
+    """A notebook keeps its inline backend: the plots module chooses none and opens no pyplot figure."""
+    script = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+import vision_si.plots as plots
+from types import SimpleNamespace
+from pathlib import Path
+diag = SimpleNamespace(confusion=[[3, 1], [0, 2]], classes=["a", "b"])
+fig_path = plots.plot_confusion(diag, Path({str(tmp_path / "c.png")!r}))
+print(matplotlib.get_backend(), len(plt.get_fignums()), fig_path.exists())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["svg", "0", "True"]
 
 
 def test_bad_inputs_name_the_problem():

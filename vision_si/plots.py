@@ -1,7 +1,9 @@
-"""Diagnosis plots (matplotlib, Agg backend): confusion, recall with CIs, embedding map, exemplar grids.
+"""Diagnosis plots (matplotlib): confusion, recall with CIs, embedding map, exemplar grids.
 
 Every function writes one PNG and returns its path; `write_diagnosis_plots` writes them all into a
-diagnosis folder. Images arrive as C×H×W float arrays in [0, 1].
+diagnosis folder. Images arrive as C×H×W float arrays in [0, 1]. Figures are built with
+`matplotlib.figure.Figure`, not pyplot: no global backend is chosen on import (notebooks keep their
+inline plots) and no figure is left open in pyplot's registry.
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from scipy.spatial import ConvexHull, QhullError
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.spatial import ConvexHull, QhullError  # noqa: E402
-from sklearn.decomposition import PCA  # noqa: E402
-from sklearn.manifold import TSNE  # noqa: E402
-
-from vision_si.errors import DataError  # noqa: E402
+from vision_si.errors import DataError
 
 if TYPE_CHECKING:
     from vision_si.diagnose import Diagnosis
@@ -31,7 +31,6 @@ ImageSource = Callable[[str], np.ndarray] | Mapping[str, np.ndarray]
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -40,7 +39,8 @@ def plot_confusion(diag: Diagnosis, path: Path) -> Path:
     k = cm.shape[0]
     rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     size = max(4.0, 0.45 * k + 2)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
+    fig = Figure(figsize=(2 * size + 1, size), layout="constrained")
+    axes = fig.subplots(1, 2)
     for ax, mat, title, fmt in ((axes[0], cm, "counts", "{:.0f}"), (axes[1], rows, "row-normalised (recall)", "{:.2f}")):
         im = ax.imshow(mat, cmap="Blues", vmin=0)
         ax.set(title=title, xlabel="predicted", ylabel="true", xticks=range(k), yticks=range(k))
@@ -61,7 +61,8 @@ def plot_recall(diag: Diagnosis, path: Path) -> Path:
     rec = np.array([c.recall for c in diag.per_class])
     ci = np.array([c.recall_ci for c in diag.per_class])
     weak = np.array([c.weak for c in diag.per_class])
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * k + 2), 4))
+    fig = Figure(figsize=(max(5.0, 0.5 * k + 2), 4))
+    ax = fig.subplots()
     ax.bar(range(k), rec, color=np.where(weak, "tab:red", "tab:blue"),
            yerr=np.vstack([rec - ci[:, 0], ci[:, 1] - rec]), capsize=3)
     ax.axhline(diag.overall["balanced_accuracy"]["value"], color="gray", ls="--", lw=1, label="balanced accuracy")
@@ -99,8 +100,9 @@ def plot_embedding_map(diag: Diagnosis, path: Path, *, val_embeddings: np.ndarra
     labels = np.asarray(val_labels)[idx]
     val_mask = diag.members.get("split", np.array([])) == "val"
     slice_of = diag.members["slice_id"][val_mask][idx] if val_mask.any() else np.full(idx.size, "", dtype=object)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    cmap = plt.get_cmap("tab10" if len(diag.classes) <= 10 else "tab20")
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["tab10" if len(diag.classes) <= 10 else "tab20"]
     for k, cname in enumerate(diag.classes):
         m = labels == k
         ax.scatter(xy[m, 0], xy[m, 1], s=6, color=cmap(k % cmap.N), alpha=0.6, label=cname, linewidths=0)
@@ -138,7 +140,8 @@ def plot_exemplar_grid(slice_report: Any, path: Path, images_by_id: ImageSource,
             ("val errors (not used)", list(slice_report.val_error_ids)[:max_cols])]
     rows = [r for r in rows if r[1]] or [("no images", [])]
     cols = max(1, max(len(r[1]) for r in rows))
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols + 0.5, 1.5 * len(rows) + 0.4), squeeze=False)
+    fig = Figure(figsize=(1.3 * cols + 0.5, 1.5 * len(rows) + 0.4))
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     for r, (title, ids) in enumerate(rows):
         for c in range(cols):
             ax = axes[r, c]
