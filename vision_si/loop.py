@@ -518,10 +518,8 @@ def check_resources(cfg: RunConfig, n_images: int, channels: int, run_dir: Path)
                           f"{channels}x{cfg.data.image_size}x{cfg.data.image_size} needs up to {png / 1e9:.1f} GB "
                           f"on disk, but {run_dir.parent} has {free / 1e9:.1f} GB free; lower the budget or "
                           "data.image_size")
-    try:
-        import psutil
-    except ImportError:  # no reliable figure for free memory: the disk check alone
-        return
+    import psutil
+
     available = psutil.virtual_memory().available
     real, synthetic = n_images * px * 4, 2 * budget * px * 4
     if real > available:
