@@ -15,6 +15,7 @@ import torch
 
 from vision_si import classifier as clf_mod
 from vision_si.classifier import create_classifier, load_classifier, predict, train_classifier
+from vision_si.classifier import inference as inference_mod
 from vision_si.config import ClassifierConfig
 from vision_si.data.augment import build_augmentation
 from vision_si.errors import ConfigError, DataError
@@ -201,13 +202,13 @@ def test_predict_embeddings_probabilities_and_cache(tmp_path, monkeypatch):
     first = predict(clf, x[:20], cache_dir=cache)
     np.testing.assert_allclose(first.embeddings, p.embeddings[:20], atol=1e-5)
     calls = []
-    real_forward = clf_mod._forward
+    real_forward = inference_mod._forward
 
     def counting_forward(model, images, *args, **kw):
         calls.append(len(images))
         return real_forward(model, images, *args, **kw)
 
-    monkeypatch.setattr(clf_mod, "_forward", counting_forward)
+    monkeypatch.setattr(inference_mod, "_forward", counting_forward)
     again = predict(clf, x, cache_dir=cache)  # 20 cached, 10 new
     assert calls == [10]
     np.testing.assert_array_equal(again.logits[:20], first.logits)
