@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from cli_helpers import run_vsi
 from PIL import Image
-
-from vision_si import cli
+from tiny_run import copy_run, make_run, merge, tiny_config
 
 SIZE = 12  # pixels of the images the corpus writes
 
@@ -47,18 +47,7 @@ class Result:
 
 def vsi(capsys, *args) -> Result:
     """`vsi ARGS` through `vision_si.cli.main`, exactly as the console script calls it."""
-    capsys.readouterr()
-    old = sys.argv
-    sys.argv = ["vsi", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return Result(code, captured.err, captured.out)
+    return Result(*run_vsi(capsys, *args))
 
 
 def assert_refused(res: Result, *needles: str, runs: Path | None = None) -> str:
@@ -133,19 +122,10 @@ def image_folder(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
 
 
 def base_config(tmp: Path, data_keys: dict, **sections) -> dict:
-    cfg = {
-        "name": "corpus", "seed": 0, "output_dir": str(tmp / "runs"),
-        "data": {"image_size": 16, "augment": "none", "cache_dir": str(tmp / "cache"), **data_keys},
-        "classifier": {"arch": "resnet10t", "steps": 2, "batch_size": 8, "warmup_steps": 1, "eval_every": 2,
-                       "predict_batch_size": 64},
-        "diagnose": {"budget_total": 8, "n_bootstrap": 100, "max_clusters": 2, "min_slice_size": 2},
-        "generate": {"preset": "tiny", "batch_size": 8, "cache_dir": str(tmp / "cache" / "gen")},
-        "gate": {"n_bootstrap": 100},
-        "loop": {"max_rounds": 1},
-    }
-    for key, value in sections.items():
-        cfg.setdefault(key, {}).update(value) if isinstance(value, dict) else cfg.__setitem__(key, value)
-    return cfg
+    """The tiny run config on the data source `data_keys`, with two classifier steps and `sections` merged in."""
+    cfg = tiny_config(tmp, name="corpus", classifier={"steps": 2, "batch_size": 8, "predict_batch_size": 64})
+    cfg["data"] = {k: v for k, v in cfg["data"].items() if k not in ("source", "max_per_class")} | data_keys
+    return merge(cfg, sections)
 
 
 def write_config(tmp: Path, cfg: dict | str, name: str = "cfg.yaml") -> Path:
@@ -418,21 +398,14 @@ def test_budget_larger_than_memory_is_refused(tmp_path, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def generated_run(tmp_path_factory):
     """A real tiny run on digits, stopped after round 1's generation (train, diagnose, generate complete)."""
-    from vision_si.config import config_from_dict
-    from vision_si.loop import run_loop
-
-    tmp = tmp_path_factory.mktemp("corpus_run")
-    cfg = config_from_dict(base_config(tmp, DIGITS, classifier={"steps": 4}))
-    run = run_loop(cfg, progress=False, echo=lambda _m: None, until="generate")
+    run = make_run(tmp_path_factory.mktemp("corpus_run"), until="generate", name="corpus")
     assert (run / "round-01/generate/manifest.jsonl").is_file()
     return run
 
 
 @pytest.fixture
 def run_copy(generated_run, tmp_path):
-    dst = tmp_path / generated_run.name
-    shutil.copytree(generated_run, dst)
-    return dst
+    return copy_run(generated_run, tmp_path)
 
 
 def _other_checkpoint(run: Path, *, arch: str | None = None, classes: list[str] | None = None) -> None:

@@ -21,38 +21,18 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import vsi
-
-TINY = {
-    "name": "faults", "seed": 0,
-    "data": {"source": "digits", "image_size": 16, "max_per_class": 10, "augment": "none"},
-    "classifier": {"arch": "resnet10t", "steps": 4, "batch_size": 16, "warmup_steps": 1, "eval_every": 2,
-                   "predict_batch_size": 128},
-    "diagnose": {"budget_total": 8, "n_bootstrap": 100, "max_clusters": 2, "min_slice_size": 2},
-    "generate": {"preset": "tiny", "batch_size": 4},
-    "gate": {"n_bootstrap": 100},
-    "loop": {"max_rounds": 1},
-}
+from tiny_run import copy_run, make_run
 
 
 @pytest.fixture(scope="module")
 def diagnosed_run(tmp_path_factory):
-    """A real tiny run stopped after round 0 (train and diagnose complete)."""
-    from vision_si.config import config_from_dict
-    from vision_si.loop import run_loop
-
-    tmp = tmp_path_factory.mktemp("faults")
-    cfg = json.loads(json.dumps(TINY))
-    cfg["output_dir"] = str(tmp / "runs")
-    cfg["data"]["cache_dir"] = str(tmp / "cache")
-    cfg["generate"]["cache_dir"] = str(tmp / "cache" / "gen")
-    return run_loop(config_from_dict(cfg), progress=False, echo=lambda _m: None, until="diagnose")
+    """A real tiny run stopped after round 0 (train and diagnose complete); generation in chunks of 4."""
+    return make_run(tmp_path_factory.mktemp("faults"), until="diagnose", name="faults", generate={"batch_size": 4})
 
 
 @pytest.fixture
 def run_copy(diagnosed_run, tmp_path):
-    dst = tmp_path / diagnosed_run.name
-    shutil.copytree(diagnosed_run, dst)
-    return dst
+    return copy_run(diagnosed_run, tmp_path)
 
 
 def fingerprint(folder: Path) -> dict[str, str]:

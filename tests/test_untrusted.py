@@ -23,20 +23,11 @@ import pytest
 import torch
 import yaml
 from cli_helpers import vsi
+from tiny_run import copy_run, make_run, tiny_config
 
 from vision_si.errors import EvaluationInvariantError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vision_si"
-TINY = {
-    "name": "untrusted", "seed": 0,
-    "data": {"source": "digits", "image_size": 16, "max_per_class": 10, "augment": "none"},
-    "classifier": {"arch": "resnet10t", "steps": 4, "batch_size": 16, "warmup_steps": 1, "eval_every": 2,
-                   "predict_batch_size": 128},
-    "diagnose": {"budget_total": 8, "n_bootstrap": 100, "max_clusters": 2, "min_slice_size": 2},
-    "generate": {"preset": "tiny", "batch_size": 8},
-    "gate": {"n_bootstrap": 100},
-    "loop": {"max_rounds": 1},
-}
 
 
 class Payload:
@@ -51,24 +42,14 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    from vision_si.config import config_from_dict
-    from vision_si.loop import run_loop
-
-    tmp = tmp_path_factory.mktemp("untrusted")
-    cfg = json.loads(json.dumps(TINY))
-    cfg["output_dir"] = str(tmp / "runs")
-    cfg["data"]["cache_dir"] = str(tmp / "cache")
-    cfg["generate"]["cache_dir"] = str(tmp / "cache" / "gen")
-    run = run_loop(config_from_dict(cfg), progress=False, echo=lambda _m: None)
+    run = make_run(tmp_path_factory.mktemp("untrusted"), name="untrusted")
     assert (run / "summary.json").is_file()
     return run
 
 
 @pytest.fixture
 def run_copy(finished_run, tmp_path):
-    dst = tmp_path / finished_run.name
-    shutil.copytree(finished_run, dst)
-    return dst
+    return copy_run(finished_run, tmp_path)
 
 
 def manifest_rows(run: Path) -> list[dict]:
@@ -132,10 +113,7 @@ def test_pickle_as_pretrained_weights_is_refused_unexecuted(tmp_path, capsys):
     marker = tmp_path / "PWNED"
     weights = tmp_path / "weights.pt"
     torch.save({"conv1.weight": Payload(marker)}, weights)
-    cfg = json.loads(json.dumps(TINY))
-    cfg |= {"output_dir": str(tmp_path / "runs")}
-    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
-    cfg["classifier"]["pretrained"] = str(weights)
+    cfg = tiny_config(tmp_path, name="untrusted", classifier={"pretrained": str(weights)})
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     code, err = vsi(capsys, "train", tmp_path / "cfg.yaml", "--quiet")
     assert code == 2 and "classifier.pretrained" in err and "weights.pt" in err, err
