@@ -94,3 +94,24 @@ def test_manifest_row_round_trips_and_refuses_unknown_keys():
     assert ManifestRow.from_dict(row.to_dict()) == row
     with pytest.raises(ValueError, match="unknown keys"):
         ManifestRow.from_dict({**dataclasses.asdict(row), "colour": 1})
+
+
+def test_backend_output_becomes_a_data_batch_at_the_datas_channels_and_size():
+    import numpy as np
+    import torch
+
+    from vision_si.generators.base import match_data, to_data_batch
+
+    rgb = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.4 - 0.2  # overshoots [0, 1]
+    out = to_data_batch(rgb, 1, (4, 6))
+    assert out.dtype == np.float32 and out.shape == (2, 1, 4, 6) and out.min() >= 0 and out.max() <= 1
+    np.testing.assert_allclose(to_data_batch(rgb, 1, (8, 8)), rgb.mean(1, keepdim=True).clamp(0, 1).numpy())
+    luma = (0.299, 0.587, 0.114)
+    weighted = sum(w * rgb[:, k:k + 1] for k, w in enumerate(luma)).clamp(0, 1).numpy()
+    np.testing.assert_allclose(to_data_batch(rgb, 1, (8, 8), gray_weights=luma), weighted, rtol=1e-6)
+    gray = to_data_batch(rgb[:, :1], 3, (8, 8))
+    assert gray.shape == (2, 3, 8, 8) and (gray == gray[:, :1]).all()  # grayscale repeated, never tinted
+    # guided sampling differentiates through the conversion
+    x = rgb.clone().requires_grad_(True)
+    match_data(x, 1, (4, 4)).sum().backward()
+    assert x.grad is not None and (x.grad.abs().sum(dim=(0, 2, 3)) > 0).all()

@@ -3,7 +3,8 @@
 A backend registers itself with `@register_generator("name")`; `create_generator(name, **cfg)`
 builds one from a preset's keys (every key but `backend`, see `presets.generator_kwargs`); a key the
 backend does not take is refused with the list of keys it does take. Images travel as float32
-arrays N×C×H×W in [0, 1] (grayscale stays one channel).
+arrays N×C×H×W in [0, 1] (grayscale stays one channel); `to_data_batch` turns a backend's output
+batch into that form at the data's channels and size.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import importlib
 import inspect
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -80,6 +81,33 @@ class ManifestRow:
         if unknown:
             raise ValueError(f"manifest row has unknown keys {sorted(unknown)}")
         return cls(**data)
+
+
+def match_data(x: Any, channels: int, size: tuple[int, int], *, resample: str = "bilinear",
+               gray_weights: Sequence[float] | None = None) -> Any:
+    """A torch batch N×C×H×W → the data's `channels` (1 or 3) and `size` (H, W), in differentiable torch ops.
+
+    Three channels become one by `gray_weights` (default: their mean), one becomes three by repetition.
+    Channels are reduced before resizing and repeated after, so the resize works on as few as it can.
+    """
+    import torch.nn.functional as F
+
+    if x.shape[1] > channels:
+        x = (x.mean(dim=1, keepdim=True) if gray_weights is None
+             else (x * x.new_tensor(gray_weights).view(1, -1, 1, 1)).sum(dim=1, keepdim=True))
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode=resample, antialias=True, align_corners=False)
+    if x.shape[1] < channels:
+        x = x.expand(-1, channels, -1, -1)
+    return x
+
+
+def to_data_batch(x: Any, channels: int, size: tuple[int, int], **kwargs: Any) -> np.ndarray:
+    """A backend's output batch (torch N×C×H×W) as images travel between stages: float32 numpy N×C×H×W in [0, 1].
+
+    `channels`, `size` and `kwargs` as in `match_data`.
+    """
+    return match_data(x, channels, size, **kwargs).clamp(0, 1).detach().cpu().numpy().astype(np.float32)
 
 
 def image_seed(run_seed: int, image_id: str) -> int:

@@ -38,7 +38,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from vision_si.errors import ConfigError, DataError
-from vision_si.generators.base import MODES, register_generator
+from vision_si.generators.base import MODES, match_data, register_generator, to_data_batch
 from vision_si.generators.pipeline import SAMPLERS, ClassConditionalPipeline, make_scheduler
 
 UNET_DEFAULTS: dict[str, Any] = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention": False,
@@ -286,25 +286,16 @@ class DDPMGenerator:
         out = self.pipeline_(labels, generator=generators, num_inference_steps=int(steps or self.steps),
                              guidance_scale=float(self.guidance_scale if guidance_scale is None else guidance_scale),
                              output_type="pt", **kwargs).images
-        return self._to_data(out).clamp(0, 1).cpu().numpy().astype(np.float32)
+        return to_data_batch(out, self.data_channels_, (self.data_size_, self.data_size_))
 
     # ------------------------------------------------------------------ data ↔ model space
     def _to_model(self, x: torch.Tensor) -> torch.Tensor:
         """Data images (N×C×H×W in [0, 1]) → the generator's channels and resolution."""
-        if x.shape[1] != self.model_channels_:
-            x = x.mean(dim=1, keepdim=True) if self.model_channels_ == 1 else x.expand(-1, 3, -1, -1)
         res = self.settings()["resolution"]
-        if x.shape[-1] != res:
-            x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
-        return x.contiguous()
+        return match_data(x, self.model_channels_, (res, res)).contiguous()
 
     def _to_data(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.data_size_:
-            x = F.interpolate(x, size=(self.data_size_, self.data_size_), mode="bilinear", antialias=True,
-                              align_corners=False)
-        if x.shape[1] != self.data_channels_:
-            x = x.mean(dim=1, keepdim=True) if self.data_channels_ == 1 else x.expand(-1, 3, -1, -1)
-        return x
+        return match_data(x, self.data_channels_, (self.data_size_, self.data_size_))
 
 
 def _check_training_data(images: Any, labels: Any, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:

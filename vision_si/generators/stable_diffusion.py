@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from vision_si.errors import ConfigError, DataError, InputError
-from vision_si.generators.base import MODES, register_generator
+from vision_si.generators.base import MODES, register_generator, to_data_batch
 
 PIPELINES = {"sd-txt2img": "StableDiffusionPipeline", "sd-img2img": "StableDiffusionImg2ImgPipeline",
              "sd-inpaint": "StableDiffusionInpaintPipeline"}
@@ -397,7 +397,9 @@ class StableDiffusionGenerator:
                         mask_image=[pil_mask(box_mask((res, res), b)) for b in boxes])
         with torch.inference_mode():
             out = self.pipeline_(**call).images
-        images = to_data(np.asarray(out, dtype=np.float32), self.data_channels_, self.data_size_)
+        # output_type "np" gives N×H×W×3 float32 whatever the pipeline's dtype
+        batch = torch.from_numpy(np.ascontiguousarray(np.asarray(out, dtype=np.float32).transpose(0, 3, 1, 2)))
+        images = to_data_batch(batch, self.data_channels_, self.data_size_, resample="bicubic", gray_weights=LUMA)
         if masks is not None:
             images = masks * images + (1 - masks) * exemplars
         return images.astype(np.float32)
@@ -424,19 +426,6 @@ def pil_mask(mask: np.ndarray) -> Any:
     from PIL import Image
 
     return Image.fromarray((mask * 255).astype(np.uint8), "L")
-
-
-def to_data(images: np.ndarray, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """N×H×W×3 float in [0, 1] (the pipeline's output) → N×C×H'×W' at the data's channels and size."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    if channels == 1:
-        x = (x * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    return x.clamp(0, 1).numpy()
 
 
 @register_generator("sd-txt2img")
