@@ -147,3 +147,32 @@ def test_kill_then_resume_reproduces_the_uninterrupted_run(finished_run, tmp_pat
     rows = [json.loads(line) for line in (gen / "manifest.jsonl").read_text().splitlines()]
     assert len({r["id"] for r in rows}) == len(rows) == 24
     assert sorted(p.name for p in (gen / "images").iterdir()) == sorted(Path(r["path"]).name for r in rows)
+
+
+def test_threads_setting_limits_torch_during_the_run_and_restores_it(tmp_path, monkeypatch):
+    """`threads: 1` holds for the whole run (torch and the BLAS pools) and is undone afterwards."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from vision_si import loop
+
+    seen = {}
+
+    def fake_run(self):
+        seen["torch"] = torch.get_num_threads()
+        seen["pools"] = {p["num_threads"] for p in threadpool_info()}
+        return self.run_dir
+
+    monkeypatch.setattr(loop.Loop, "run", fake_run)
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)  # a setting the run must change and give back
+    before = torch.get_num_threads()
+    cfg = tiny_config(tmp_path)
+    cfg.threads = 1
+    loop.run_loop(cfg, progress=False, echo=lambda m: None)
+    assert seen["torch"] == 1 and seen["pools"] <= {1}
+    assert torch.get_num_threads() == before
+    cfg.threads = None
+    loop.run_loop(cfg, tmp_path / "other", progress=False, echo=lambda m: None)
+    torch.set_num_threads(original)
+    assert seen["torch"] == before, "null leaves torch's own setting alone"

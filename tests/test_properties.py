@@ -86,6 +86,7 @@ VALID = {
     "filter.fidelity_percentile": st.none() | st.floats(0, 50),
     "gate.tolerance": st.floats(0, 1),
     "gate.tolerance_min_images": st.integers(0, 1000),
+    "threads": st.none() | st.integers(1, 1024),
     "gate.seeds": st.integers(1, 20),
     "gate.metric": st.sampled_from(["macro_f1", "balanced_accuracy", "weak_class_recall"]),
     "loop.max_rounds": st.integers(0, 100),

@@ -159,6 +159,10 @@ class RunConfig:
     name: str = "run"
     seed: int = 0
     output_dir: str = "runs"
+    # CPU threads for torch and the numeric libraries during the run; null keeps their default (all
+    # cores). On a machine shared with other jobs, 1 stops OpenMP threads spinning against them
+    # (benchmarks/threads.py measures the difference).
+    threads: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
@@ -385,6 +389,7 @@ def validate_config(cfg: RunConfig) -> None:
     _check(bool(cfg.name.strip()) and "/" not in cfg.name and "\0" not in cfg.name and len(cfg.name) <= 100,
            "name", cfg.name, "non-empty, at most 100 characters, no '/' or NUL")
     _check(bool(cfg.output_dir) and "\0" not in cfg.output_dir, "output_dir", cfg.output_dir, "a folder path")
+    _check(cfg.threads is None or 1 <= cfg.threads <= 1024, "threads", cfg.threads, "1 to 1024 or null")
     _check(8 <= d.image_size <= 1024, "data.image_size", d.image_size, "8 to 1024")
     _check(d.channels is None or d.channels in (1, 3), "data.channels", d.channels, "1, 3 or null")
     _check(d.max_per_class is None or d.max_per_class >= 3, "data.max_per_class", d.max_per_class, ">= 3")

@@ -17,11 +17,12 @@ not simply repeat what the gate refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -489,13 +490,32 @@ def run_loop(cfg: RunConfig, run_dir: Path | None = None, *, progress: bool = Tr
                 save_config(cfg, run_dir / "config.yaml.tmp")  # atomic: a kill never leaves half a config
                 os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
                 atomic_write_json(run_dir / "env.json", env)
-            return Loop(cfg, run_dir, progress=progress, echo=echo, until=until).run()
+            with cpu_threads(cfg.threads):
+                return Loop(cfg, run_dir, progress=progress, echo=echo, until=until).run()
     except InputError:
         # Bad input found while setting up a new run (data, checkpoints, resources): no stage is
         # complete, so the directory holds nothing worth keeping and is removed, not left half-written.
         if created and not _has_complete_stage(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Limit torch and the BLAS/OpenMP pools (numpy, scikit-learn) to `n` threads, restored on exit."""
+    if n is None:
+        yield
+        return
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _has_complete_stage(run_dir: Path) -> bool:
