@@ -15,6 +15,7 @@ from vision_si.generators import GenerationRequest
 from vision_si.generators.runner import (
     fit_generator,
     generate_from_plan,
+    generate_jobs,
     load_plan,
     read_manifest,
     regenerate,
@@ -112,6 +113,37 @@ def test_resume_skips_finished_ids_and_repairs_missing_or_corrupt_files(data, ca
     assert all((tmp_path / f"images/{i}.png").stat().st_mtime_ns == before[i] for i in untouched)
     third = run(data, cache, tmp_path)
     assert third.n_generated == 0 and third.n_reused == 7
+
+
+def test_a_generate_fn_computes_only_the_pending_chunks_and_is_closed_when_the_job_stops(data, cache, tmp_path):
+    first = run(data, cache, tmp_path)
+    original = {r.id: (tmp_path / r.path).read_bytes() for r in first.rows}
+    (tmp_path / first.rows[4].path).unlink()
+    asked, closed = [], []
+
+    def elsewhere(generator, preset, jobs, **kwargs):  # stands in for another engine (Ray)
+        asked.extend(j.id for j in jobs)
+        try:
+            yield from generate_jobs(generator, jobs, **kwargs)
+        finally:
+            closed.append(True)
+
+    again = run(data, cache, tmp_path, generate_fn=elsewhere)
+    assert asked == [r.id for r in first.rows if r.batch_id == first.rows[4].batch_id]  # the lost image's chunk
+    assert (again.n_generated, again.n_reused) == (1, 6) and closed == [True]
+    assert all((tmp_path / r.path).read_bytes() == original[r.id] for r in again.rows)
+
+    def broken(generator, preset, jobs, **kwargs):
+        try:
+            for job, image, seconds in generate_jobs(generator, jobs, **kwargs):
+                yield job, image[:, :, None], seconds  # not a C×H×W image: writing it fails
+        finally:
+            closed.append(True)
+
+    (tmp_path / first.rows[4].path).unlink()
+    with pytest.raises(ValueError, match="C×H×W") as failure:
+        run(data, cache, tmp_path, generate_fn=broken)
+    assert closed == [True, True] and failure.traceback  # closed by the runner, not when the traceback goes
 
 
 def test_changed_parameters_are_regenerated_not_reused(data, cache, tmp_path):

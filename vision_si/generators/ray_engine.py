@@ -5,9 +5,10 @@ and writes the same files: `out_dir/images/<id>.png` and `out_dir/manifest.jsonl
 what the local engine writes for the same seed (manifest rows differ only in `seconds`), and it
 resumes the same way (an image whose file matches its manifest row is kept).
 
-How it runs. The driver fits the generator once (or loads it from the generator cache) and plans
-the image jobs and their chunks exactly as the local engine does (`runner.plan_jobs`; a chunk is the
-unit of computation, fixed by the plan). Each pending chunk is one item of a Ray Dataset;
+How it runs. The job is `runner.run_generation` itself with this engine's `generate_fn`
+(`ray_generate_fn`): the driver fits the generator once (or loads it from the generator cache),
+plans the image jobs and their chunks, and applies the resume rule exactly as the local engine does
+(a chunk is the unit of computation, fixed by the plan). Each pending chunk is one item of a Ray Dataset;
 `map_batches` sends items to a fixed pool of `GeneratorActor`s (one GPU each when the cluster has
 GPUs, else CPUs). An actor loads the fitted generator once — from its cache folder when the folder
 is visible on that node, else from the object store (the driver's fitted generator, pickled; the SD
@@ -45,23 +46,15 @@ from tqdm.auto import tqdm
 
 from vision_si.config import GenerateConfig
 from vision_si.errors import ConfigError, DataError
-from vision_si.generators.base import GenerationRequest, Generator, ManifestRow
+from vision_si.generators.base import GenerationRequest, Generator
 from vision_si.generators.presets import generator_kwargs
 from vision_si.generators.runner import (
+    GenerateFn,
     GenerationResult,
     ImageJob,
-    _same_job,
-    append_manifest,
     chunks,
-    exemplar_lookup,
-    file_sha256,
-    fit_generator,
     generate_chunk,
-    make_row,
-    plan_jobs,
-    read_manifest,
-    write_image,
-    write_manifest,
+    run_generation,
 )
 
 # ---------------------------------------------------------------------- Ray session
@@ -201,62 +194,38 @@ def ray_generate_jobs(ray: Any, generator: Generator, preset: dict[str, Any], jo
 # ---------------------------------------------------------------------- the job
 
 
+def ray_generate_fn(cfg: GenerateConfig, *, address: str | None = None, num_actors: int | None = None) -> GenerateFn:
+    """The `generate_fn` of `runner.run_generation` that computes the pending chunks on Ray actors.
+
+    `address` (else `cfg.ray_address`) joins a cluster; without either a local instance runs for the job.
+    """
+
+    def generate(generator: Generator, preset: dict[str, Any], jobs: Sequence[ImageJob], *,
+                 exemplars: Mapping[str, np.ndarray], classifier_fn: Callable[..., Any] | None,
+                 classifier_scale: float, progress: bool) -> Iterator[tuple[ImageJob, np.ndarray, float]]:
+        supported = getattr(generator, "modes", None)  # checked here: an error inside an actor arrives wrapped
+        unsupported = sorted({j.mode for j in jobs} - set(supported)) if supported is not None else []
+        if unsupported:
+            raise ConfigError(f"generator {preset['backend']!r} (preset {preset['name']!r}) makes "
+                              f"{' or '.join(supported)}-mode images, not {unsupported}; change generate.mode or "
+                              "the preset")
+        if not jobs:
+            return
+        with ray_session(address if address is not None else cfg.ray_address, progress=progress) as ray:
+            yield from ray_generate_jobs(ray, generator, preset, jobs, exemplars=exemplars,
+                                         classifier_fn=classifier_fn, classifier_scale=classifier_scale,
+                                         num_actors=num_actors, progress=progress)
+
+    return generate
+
+
 def run_generation_ray(cfg: GenerateConfig, requests: Sequence[GenerationRequest], *, train_images: np.ndarray,
                        train_labels: np.ndarray, train_ids: Sequence[str], classes: list[str], out_dir: str | Path,
                        seed: int, id_prefix: str = "syn-r01", classifier_fn: Callable[..., Any] | None = None,
                        progress: bool = True, address: str | None = None,
                        num_actors: int | None = None) -> GenerationResult:
     """`run_generation` on Ray: same files, manifest and resume; `address` (else `cfg.ray_address`) joins a cluster."""
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = plan_jobs(requests, seed=seed, id_prefix=id_prefix, batch_size=cfg.batch_size)
-    if any(j.mode == "guided" for j in jobs) and classifier_fn is None:
-        raise ConfigError("generate.mode 'guided' needs the current classifier (classifier_fn); none was given")
-    exemplars = exemplar_lookup(jobs, train_images, train_ids)
-    generator, preset = fit_generator(cfg, train_images=train_images, train_labels=train_labels, classes=classes,
-                                      seed=seed, progress=progress)
-    supported = getattr(generator, "modes", None)  # checked here: an error inside an actor arrives wrapped
-    unsupported = sorted({j.mode for j in jobs} - set(supported)) if supported is not None else []
-    if unsupported:
-        raise ConfigError(f"generator {preset['backend']!r} (preset {preset['name']!r}) makes "
-                          f"{' or '.join(supported)}-mode images, not {unsupported}; change generate.mode or the preset")
-
-    def expected(job: ImageJob, sha: str = "", seconds: float = 0.0) -> ManifestRow:
-        return make_row(job, path=f"images/{job.id}.png", sha256=sha, preset=preset, generator=generator,
-                        classifier_scale=cfg.classifier_scale, seconds=seconds)
-
-    # the resume rule of the local engine: keep valid images, recompute whole chunks around the rest
-    manifest = out_dir / "manifest.jsonl"
-    job_ids = {j.id for j in jobs}
-    old = read_manifest(manifest)
-    foreign = [r for r in old if r.id not in job_ids]
-    by_id = {r.id: r for r in old}
-    done: dict[str, ManifestRow] = {}
-    for job in jobs:
-        row = by_id.get(job.id)
-        if row is not None and _same_job(row, expected(job)) and file_sha256(out_dir / row.path) == row.sha256:
-            done[job.id] = row
-    write_manifest(manifest, foreign + [done[j.id] for j in jobs if j.id in done])
-    todo = {j.batch_id for j in jobs if j.id not in done}
-    pending = [j for j in jobs if j.batch_id in todo]
-    n_reused = len(done)
-    n_generated = sum(j.id not in done for j in jobs)
-    if pending:
-        with ray_session(address if address is not None else cfg.ray_address, progress=progress) as ray:
-            for job, image, seconds in ray_generate_jobs(ray, generator, preset, pending, exemplars=exemplars,
-                                                         classifier_fn=classifier_fn,
-                                                         classifier_scale=cfg.classifier_scale,
-                                                         num_actors=num_actors, progress=progress):
-                if job.id in done:
-                    continue
-                rel, sha = write_image(out_dir, job.id, image)
-                row = expected(job, sha, seconds)
-                append_manifest(manifest, [row])
-                done[job.id] = row
-    rows = [done[j.id] for j in jobs]
-    write_manifest(manifest, foreign + rows)
-    return GenerationResult(rows=rows, manifest_path=manifest, generator_sha256=generator.checkpoint_sha256,
-                            n_generated=n_generated, n_reused=n_reused,
-                            cache_hit=bool(getattr(generator, "cache_hit_", False)),
-                            seconds=time.perf_counter() - t0)
+    return run_generation(cfg, requests, train_images=train_images, train_labels=train_labels, train_ids=train_ids,
+                          classes=classes, out_dir=out_dir, seed=seed, id_prefix=id_prefix,
+                          classifier_fn=classifier_fn, progress=progress,
+                          generate_fn=ray_generate_fn(cfg, address=address, num_actors=num_actors))

@@ -40,6 +40,7 @@ requests:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -74,6 +75,9 @@ class ImageJob:
     exemplar_id: str | None
     seed: int
     batch_id: str  # id of the first image of its chunk; images are always computed with their chunk
+
+
+GenerateFn = Callable[..., Iterator[tuple[ImageJob, np.ndarray, float]]]  # see `run_generation`
 
 
 @dataclass
@@ -263,12 +267,24 @@ def exemplar_lookup(jobs: Sequence[ImageJob], train_images: np.ndarray, train_id
     return {i: train_images[position[i]] for i in wanted}
 
 
+def _generate_here(generator: Generator, preset: dict[str, Any], jobs: Sequence[ImageJob],
+                   **kwargs: Any) -> Iterator[tuple[ImageJob, np.ndarray, float]]:
+    return generate_jobs(generator, jobs, **kwargs)
+
+
 def run_generation(cfg: GenerateConfig, requests: Sequence[GenerationRequest], *, train_images: np.ndarray,
                    train_labels: np.ndarray, train_ids: Sequence[str], classes: list[str], out_dir: str | Path,
                    seed: int, id_prefix: str = "syn-r01", classifier_fn: Callable[..., Any] | None = None,
-                   progress: bool = True) -> GenerationResult:
-    """Make the requested images in `out_dir` (images/ + manifest.jsonl), skipping valid ones already there."""
-    if cfg.engine == "ray":
+                   progress: bool = True, generate_fn: GenerateFn | None = None) -> GenerationResult:
+    """Make the requested images in `out_dir` (images/ + manifest.jsonl), skipping valid ones already there.
+
+    `generate_fn(generator, preset, jobs, *, exemplars, classifier_fn, classifier_scale, progress)`
+    computes the pending jobs (whole chunks) and yields (job, C×H×W image, seconds per image); it is
+    closed if the job stops early, so a generator function may hold resources. The default computes
+    them in this process (`generate_jobs`); `cfg.engine` 'ray' passes the Ray engine's. Planning,
+    resume, files and manifest are this function's whatever computes the images.
+    """
+    if generate_fn is None and cfg.engine == "ray":
         try:
             from vision_si.generators.ray_engine import run_generation_ray
         except ImportError as exc:
@@ -305,14 +321,17 @@ def run_generation(cfg: GenerateConfig, requests: Sequence[GenerationRequest], *
     pending = [j for j in jobs if j.batch_id in todo]  # whole chunks, so every image gets its own batch back
     n_reused = len(done)
     n_generated = sum(j.id not in done for j in jobs)
-    for job, image, seconds in generate_jobs(generator, pending, exemplars=exemplars, classifier_fn=classifier_fn,
-                                             classifier_scale=cfg.classifier_scale, progress=progress):
-        if job.id in done:
-            continue
-        rel, sha = write_image(out_dir, job.id, image)
-        row = expected(job, sha, seconds)
-        append_manifest(manifest, [row])
-        done[job.id] = row
+    computed = (generate_fn or _generate_here)(generator, preset, pending, exemplars=exemplars,
+                                                classifier_fn=classifier_fn, classifier_scale=cfg.classifier_scale,
+                                                progress=progress)
+    with contextlib.closing(computed):
+        for job, image, seconds in computed:
+            if job.id in done:
+                continue
+            rel, sha = write_image(out_dir, job.id, image)
+            row = expected(job, sha, seconds)
+            append_manifest(manifest, [row])
+            done[job.id] = row
     rows = [done[j.id] for j in jobs]
     write_manifest(manifest, foreign + rows)  # id order, whatever order the repairs happened in
     return GenerationResult(rows=rows, manifest_path=manifest, generator_sha256=generator.checkpoint_sha256,
