@@ -115,3 +115,14 @@ def test_backend_output_becomes_a_data_batch_at_the_datas_channels_and_size():
     x = rgb.clone().requires_grad_(True)
     match_data(x, 1, (4, 4)).sum().backward()
     assert x.grad is not None and (x.grad.abs().sum(dim=(0, 2, 3)) > 0).all()
+
+
+def test_generate_train_seed_is_a_seed_or_null():
+    from vision_si.config import config_from_dict
+
+    assert config_from_dict({}).generate.train_seed is None
+    assert config_from_dict({"generate": {"train_seed": 3}}).generate.train_seed == 3
+    with pytest.raises(ConfigError, match=r"generate\.train_seed.*-1.*>= 0 or null"):
+        config_from_dict({"generate": {"train_seed": -1}})
+    with pytest.raises(ConfigError, match=r"generate\.train_seed"):
+        config_from_dict({"generate": {"train_seed": "zero"}})

@@ -146,6 +146,26 @@ def test_a_generate_fn_computes_only_the_pending_chunks_and_is_closed_when_the_j
     assert closed == [True, True] and failure.traceback  # closed by the runner, not when the traceback goes
 
 
+def test_runs_with_other_seeds_but_one_train_seed_share_one_trained_generator(data, tmp_path):
+    images, labels, ids = data
+    cache = tmp_path / "cache"
+
+    def go(seed: int, train_seed: int | None, out: str):
+        cfg = GenerateConfig(preset="tiny", cache_dir=str(cache), batch_size=4, train_seed=train_seed)
+        return run_generation(cfg, requests(), train_images=images, train_labels=labels, train_ids=ids,
+                              classes=CLASSES, out_dir=tmp_path / out, seed=seed, progress=False)
+
+    first, second = go(0, 5, "a"), go(1, 5, "b")
+    assert not first.cache_hit and second.cache_hit
+    assert second.generator_sha256 == first.generator_sha256
+    assert len(list(cache.glob("*/meta.json"))) == 1
+    assert {r.seed for r in first.rows}.isdisjoint(r.seed for r in second.rows)  # images follow the run seed
+    # no train_seed is the run's seed, as before it existed: run seed 5 finds the entry trained with seed 5,
+    # and run seed 1 trains its own
+    assert go(5, None, "c").cache_hit
+    assert not go(1, None, "d").cache_hit and len(list(cache.glob("*/meta.json"))) == 2
+
+
 def test_changed_parameters_are_regenerated_not_reused(data, cache, tmp_path):
     run(data, cache, tmp_path)
     reqs = requests()

@@ -102,6 +102,9 @@ class GenerateConfig:
     engine: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     cache_dir: str = ".cache/vision_si/generators"
+    # seed of the generator's training and cache key (None: the run's seed); fixed, runs with other seeds
+    # (classifier seeds) share one trained generator. Image seeds always come from the run's seed.
+    train_seed: int | None = None
 
 
 FILTER_NAMES = ("fidelity", "informativeness", "realism", "memorisation", "duplicate")
@@ -428,6 +431,7 @@ def validate_config(cfg: RunConfig) -> None:
     _check(n.guidance_scale is None or n.guidance_scale >= 0, "generate.guidance_scale", n.guidance_scale, ">= 0")
     _check(n.classifier_scale >= 0, "generate.classifier_scale", n.classifier_scale, ">= 0")
     _check(1 <= n.batch_size <= 4096, "generate.batch_size", n.batch_size, "1 to 4096")
+    _check(n.train_seed is None or n.train_seed >= 0, "generate.train_seed", n.train_seed, ">= 0 or null")
     f = cfg.filter
     for name in f.enabled:
         if name not in FILTER_NAMES:

@@ -9,9 +9,10 @@ warm-up so short CPU runs are not dominated by the first steps) are what gets sa
 Caching and crash safety. With a `cache_dir`, the trained generator is stored under
 `cache_dir/<key>/` (a `ClassConditionalPipeline.save_pretrained` folder plus `meta.json`), where
 `key` = sha256 of the training pixels and labels, the class names, the training part of the preset
-(resolution, channels, unet, train) and the seed; sampling settings are not part of the key, so a
-new sampler or step count reuses the model. While training, a checkpoint is written every
-`checkpoint_every` steps to `cache_dir/<key>.partial/checkpoint/` (UNet via `save_pretrained`, EMA
+(resolution, channels, unet, train) and the seed `fit` gets (the run's, or `generate.train_seed` when
+set, so runs of several classifier seeds can share one generator); sampling settings are not part
+of the key, so a new sampler or step count reuses the model. While training, a checkpoint is written
+every `checkpoint_every` steps to `cache_dir/<key>.partial/checkpoint/` (UNet via `save_pretrained`, EMA
 and AdamW state as safetensors + JSON, the data-order RNG state; no pickle), and a restarted fit
 continues from it to the same weights. A `<key>.lock` file keeps two processes from training the
 same model at once: the second waits and then loads the first one's result.

@@ -15,6 +15,10 @@ sample: {sampler: dpmsolver++, steps: 15, guidance_scale: 2.0}
 
 `load_preset(name_or_path)` reads one and adds `name` (the file's stem); `resolve_preset(cfg)`
 applies a `GenerateConfig`'s overrides (`backend`, `steps`, `guidance_scale`).
+
+The seed a generator trains with is not a preset key: it is the run's seed, or `generate.train_seed`
+when set (a trained `ddpm` generator is cached by data, training settings and that seed, so a fixed
+`train_seed` lets runs with different seeds reuse one generator instead of training one each).
 """
 
 from __future__ import annotations

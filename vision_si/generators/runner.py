@@ -120,11 +120,15 @@ def chunks(jobs: Sequence[ImageJob]) -> list[list[ImageJob]]:
 
 def fit_generator(cfg: GenerateConfig, *, train_images: np.ndarray, train_labels: np.ndarray, classes: list[str],
                   seed: int, progress: bool = True) -> tuple[Generator, dict[str, Any]]:
-    """The preset's generator fitted on the training split (or loaded from `cfg.cache_dir`), and the preset."""
+    """The preset's generator fitted on the training split (or loaded from `cfg.cache_dir`), and the preset.
+
+    It trains with `cfg.train_seed`, or the run's `seed` when that is None.
+    """
     preset = resolve_preset(cfg)
     gen = create_generator(preset["backend"], **generator_kwargs(preset))
     cache = resolve_path(cfg.cache_dir) if cfg.cache_dir else None
-    gen.fit(train_images, train_labels, classes, seed=seed, cache_dir=cache, progress=progress)
+    train_seed = seed if cfg.train_seed is None else cfg.train_seed
+    gen.fit(train_images, train_labels, classes, seed=train_seed, cache_dir=cache, progress=progress)
     return gen, preset
 
 
