@@ -553,10 +553,13 @@ def reuse_work(profile: dict[str, Any], bench: Bench, seeds: Sequence[int]) -> N
             if (a / "result.json").is_file() and not b.exists():
                 shutil.copytree(a, b)
         e_src, e_dst = src / f"seed-{s}" / "E" / "run", bench.arm_dir("E", s) / "run"
-        for stage in ("round-00/train", "round-00/diagnose", "round-01/generate"):
+        # round 0 trains gate.seeds models and the generation follows from it: take E's stages over only
+        # when both profiles train as many (otherwise E reruns them, with the shared generator)
+        same_seeds = other["run"].get("gate", {}).get("seeds", 1) == profile["run"].get("gate", {}).get("seeds", 1)
+        for stage in ("round-00/train", "round-00/diagnose", "round-01/generate") if same_seeds else ():
             if (e_src / stage).is_dir() and not (e_dst / stage).exists():
                 shutil.copytree(e_src / stage, e_dst / stage)
-        if (e_src / "splits.csv").is_file() and not (e_dst / "splits.csv").exists():
+        if same_seeds and (e_src / "splits.csv").is_file() and not (e_dst / "splits.csv").exists():
             shutil.copy2(e_src / "splits.csv", e_dst / "splits.csv")
 
 
