@@ -127,7 +127,7 @@ def _synthetic_round(rd: Path, r: int, classes: list[str], accepted: bool, n: in
             "before": {"value": 0.61, "ci": [0.52, 0.70]}, "after": {"value": 0.61 + delta, "ci": [0.55, 0.75]},
             "delta": {"value": delta, "ci": [delta - 0.04, delta + 0.04]}}
     per_class = {c: {"before": 0.7, "after": 0.7 + (0.1 if k == len(classes) - 1 else -0.01) * (1 if accepted else -1),
-                     "support": 10} for k, c in enumerate(classes)}
+                     "support": 8, "allowed": 0.125} for k, c in enumerate(classes)}
     for v in per_class.values():
         v["delta"] = v["after"] - v["before"]
     _json(tag / "gate" / "decision.json", {  # as GateDecision.save writes it
@@ -136,7 +136,7 @@ def _synthetic_round(rd: Path, r: int, classes: list[str], accepted: bool, n: in
         else "lower bound of delta -0.05 is not above min_delta 0.0",
         "reason_code": "gain" if accepted else "no_confident_gain",
         **{k: gate[k] for k in ("metric", "before", "after", "delta")}, "min_delta": 0.0, "tolerance": 0.05,
-        "per_class": per_class, "regressions": [] if accepted else [classes[-1]],
+        "tolerance_min_images": 1, "per_class": per_class, "regressions": [] if accepted else [classes[-1]],
         "bootstrap": {"n_bootstrap": 1000, "confidence": 0.95, "seed": 0, "method": "paired"},
         "seeds": [0], "n_val": 30, "gate_enabled": True, "would_accept": accepted})
     if accepted:

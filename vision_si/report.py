@@ -292,6 +292,13 @@ def section_rounds(run: RunView) -> str:
                     "<h3>The gate's decision per round</h3>", *cards])
 
 
+
+def _allowed_drop(value: Any) -> str:
+    """The largest recall drop the gate allowed a class, shown as a negative Δ ('–' when unknown)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "–"
+    return num(-float(value))
+
 def gate_card(r: int, g: dict) -> str:
     if not g:
         return f'<div class="card"><h4>Round {r:02d}</h4>{na("gate decision (gate/decision.json missing)")}</div>'
@@ -299,8 +306,10 @@ def gate_card(r: int, g: dict) -> str:
     rows = [[f"{metric} {k}", with_ci(*g[k]) if k in g else "–"] for k in ("before", "after", "delta")]
     pc = g.get("per_class") or {}
     regressions = set(d.get("regressions") or [])
+    # "allowed drop" is absent from decisions written before gate.tolerance_min_images existed
     pc_rows = [[c, *[num(v.get(k)) for k in ("before", "after")], delta(v.get("before"), v.get("after")),
-                v.get("support", "–")] if isinstance(v, dict) else [c, "–", "–", delta(0, v), "–"]
+                _allowed_drop(v.get("allowed")), v.get("support", "–")]
+               if isinstance(v, dict) else [c, "–", "–", delta(0, v), "–", "–"]
                for c, v in pc.items()]
     boot = d.get("bootstrap") if isinstance(d.get("bootstrap"), dict) else {}
     rule = (f"Accept when the lower end of the Δ interval is above {num(d.get('min_delta'))} and no class's recall "
@@ -313,7 +322,7 @@ def gate_card(r: int, g: dict) -> str:
     if d.get("gate_enabled") is False:
         off = (f'<p class="badge warn">The gate was switched off (ablation): the round was accepted; the gate '
                f'would have {"accepted" if d.get("would_accept") else "rejected"} it.</p>')
-    pc_table = (table(["class", "recall before", "after", "Δ", "support"], pc_rows, "num",
+    pc_table = (table(["class", "recall before", "after", "Δ", "allowed Δ", "support"], pc_rows, "num",
                       ["weak" if c in regressions else "" for c in pc]) if pc_rows else na("per-class recall"))
     return (f'<div class="card"><h4>Round {r:02d} {decision_badge(g.get("decision"))}</h4>{off}'
             f'<p>{esc(g.get("reason") or "no reason recorded")}</p><div class="pair">'
