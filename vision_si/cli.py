@@ -24,7 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set classifier.steps=200 (repeatable).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars or stage lines; only the result.")
-DEMO_CONFIG = "configs/demo.yaml"
+DEMO_CONFIG = "configs/demo.yaml"  # via resolve_path: working dir, checkout, then the copy a wheel installs
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 

@@ -21,6 +21,9 @@ import yaml
 from vision_si.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# A wheel has no checkout: it carries configs/, data/ (cards) and generators/ (presets) here, mapped in
+# from the repository root by pyproject.toml, so git holds each file once.
+SHIPPED_ROOT = Path(__file__).resolve().parent / "_shipped"
 
 
 @dataclass
@@ -286,15 +289,18 @@ def _read_card(card: str) -> dict[str, Any]:
 
 
 def resolve_path(p: str | Path) -> Path:
-    """A relative path is taken from the working directory, then from the repository root."""
+    """A relative path is taken from the working directory, then the repository checkout, then the copy
+    of `configs/`, `data/` and `generators/` installed with the package; not found anywhere: as given."""
     try:
         path = Path(p).expanduser()
     except RuntimeError:  # `~user` for a user that does not exist: taken literally, then not found
         path = Path(p)
     if path.is_absolute() or path.exists():
         return path
-    in_repo = REPO_ROOT / path
-    return in_repo if in_repo.exists() else path
+    for root in (REPO_ROOT, SHIPPED_ROOT):
+        if (root / path).exists():
+            return root / path
+    return path
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """Generator presets: YAML files in the repository's `generators/` folder, selectable by name.
 
+An installed wheel carries that folder inside the package (`vision_si/_shipped/generators/`); `PRESET_DIR`
+is the checkout's folder when there is a checkout, else that copy.
+
 A preset names its `backend` (a registered generator) and that backend's settings; the `ddpm`
 presets look like this (see `generators/quick.yaml`):
 
@@ -29,19 +32,29 @@ from typing import Any
 
 import yaml
 
-from vision_si.config import REPO_ROOT, GenerateConfig, resolve_path
+from vision_si.config import REPO_ROOT, SHIPPED_ROOT, GenerateConfig, resolve_path
 from vision_si.errors import ConfigError
 
-PRESET_DIR = REPO_ROOT / "generators"
+
+def _preset_dir() -> Path:
+    """The checkout's `generators/`; an installed wheel has no checkout, so the copy inside the package."""
+    in_repo = REPO_ROOT / "generators"
+    # pyproject.toml marks a checkout: in a wheel install REPO_ROOT is site-packages, where a folder named
+    # `generators` may belong to another distribution
+    is_checkout = (REPO_ROOT / "pyproject.toml").is_file() and in_repo.is_dir()
+    return in_repo if is_checkout else SHIPPED_ROOT / "generators"
+
+
+PRESET_DIR = _preset_dir()
 
 
 def list_presets() -> list[str]:
-    """Names of the presets shipped in `<repo>/generators/`."""
+    """Names of the presets in `PRESET_DIR` (`<repo>/generators/`, or its copy in an installed wheel)."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def load_preset(name_or_path: str | Path) -> dict[str, Any]:
-    """A preset as a plain dict with `name` set; a bare name is looked up in `<repo>/generators/`."""
+    """A preset as a plain dict with `name` set; a bare name is looked up in `PRESET_DIR`."""
     text = str(name_or_path)
     looks_like_path = text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text
     if looks_like_path:
