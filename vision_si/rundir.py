@@ -85,7 +85,8 @@ def read_json(path: Path) -> Any:
         raise RunDirError(f"'{path}' is not valid JSON: {exc}") from None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -111,7 +112,7 @@ class RunLock:
                     pid = int(self.path.read_text().strip() or "0")
                 except (OSError, ValueError):
                     pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
+                if pid and pid != os.getpid() and pid_alive(pid):
                     raise RunDirError(f"run directory '{self.path.parent}' is in use by process {pid} "
                                       f"(lock file {self.path}); wait for it or stop it") from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone

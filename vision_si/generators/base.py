@@ -116,6 +116,32 @@ def image_seed(run_seed: int, image_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+class PipelineGenerator:
+    """What every diffusers-pipeline backend shares: sampling settings read from `settings()["sample"]`
+    and the fitted pipeline (`pipeline_`) with the sha256 of its weights (`checkpoint_sha256_`)."""
+
+    def settings(self) -> dict[str, Any]:  # pragma: no cover - every backend defines it
+        raise NotImplementedError
+
+    @property
+    def steps(self) -> int:
+        return int(self.settings()["sample"]["steps"])
+
+    @property
+    def guidance_scale(self) -> float:
+        return float(self.settings()["sample"]["guidance_scale"])
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        self._check_fitted()
+        return self.checkpoint_sha256_
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "pipeline_"):
+            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(images, labels, classes, "
+                               "seed=...)")
+
+
 @runtime_checkable
 class Generator(Protocol):
     """What every backend offers. `fit` may only load weights for pretrained backends.

@@ -39,8 +39,9 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from vision_si.errors import ConfigError, DataError
-from vision_si.generators.base import MODES, match_data, register_generator, to_data_batch
+from vision_si.generators.base import MODES, PipelineGenerator, match_data, register_generator, to_data_batch
 from vision_si.generators.pipeline import SAMPLERS, ClassConditionalPipeline, make_scheduler
+from vision_si.rundir import pid_alive
 
 UNET_DEFAULTS: dict[str, Any] = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention": False,
                                  "norm_num_groups": 16}
@@ -95,7 +96,7 @@ def build_unet(n_classes: int, channels: int, resolution: int, unet: dict[str, A
 
 
 @register_generator("ddpm")
-class DDPMGenerator:
+class DDPMGenerator(PipelineGenerator):
     """Class-conditional DDPM trained on the training split (sklearn shape: `fit` returns self).
 
     Parameters are the preset's keys: `resolution`, `channels` ('auto', 1 or 3), `unet`, `train` and
@@ -149,22 +150,6 @@ class DDPMGenerator:
         return {"resolution": self.resolution, "channels": self.channels, "unet": unet, "train": train,
                 "sample": sample}
 
-    @property
-    def steps(self) -> int:
-        return int(self.settings()["sample"]["steps"])
-
-    @property
-    def guidance_scale(self) -> float:
-        return float(self.settings()["sample"]["guidance_scale"])
-
-    @property
-    def checkpoint_sha256(self) -> str:
-        self._check_fitted()
-        return self.checkpoint_sha256_
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "pipeline_"):
-            raise RuntimeError("this DDPMGenerator is not fitted yet; call fit(images, labels, classes, seed=...)")
 
     # ------------------------------------------------------------------ fit
     def fit(self, images: np.ndarray, labels: np.ndarray, classes: list[str], *, seed: int,
@@ -360,13 +345,7 @@ def _holder_alive(lock: Path) -> bool:
         return False
     if pid <= 0:
         return True  # written a moment ago; the pid follows
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 # ---------------------------------------------------------------------- training loop

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from vision_si.errors import ConfigError, DataError, InputError
-from vision_si.generators.base import MODES, register_generator, to_data_batch
+from vision_si.generators.base import MODES, PipelineGenerator, register_generator, to_data_batch
 
 PIPELINES = {"sd-txt2img": "StableDiffusionPipeline", "sd-img2img": "StableDiffusionImg2ImgPipeline",
              "sd-inpaint": "StableDiffusionInpaintPipeline"}
@@ -157,7 +157,7 @@ def weights_sha256(modules: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-class StableDiffusionGenerator:
+class StableDiffusionGenerator(PipelineGenerator):
     """A Stable Diffusion pipeline behind the `Generator` protocol; `task` picks the pipeline.
 
     Parameters are the preset's keys (module doc). `device` 'auto' is CUDA when present; `dtype`
@@ -219,23 +219,6 @@ class StableDiffusionGenerator:
         return {"model": self.model, "lora": self.lora, "resolution": self.resolution, "prompts": prompts,
                 "sample": sample, "mask": mask}
 
-    @property
-    def steps(self) -> int:
-        return int(self.settings()["sample"]["steps"])
-
-    @property
-    def guidance_scale(self) -> float:
-        return float(self.settings()["sample"]["guidance_scale"])
-
-    @property
-    def checkpoint_sha256(self) -> str:
-        self._check_fitted()
-        return self.checkpoint_sha256_
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "pipeline_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(images, labels, classes, "
-                               "seed=...) to load the pipeline")
 
     # ------------------------------------------------------------------ fit = load
     def fit(self, images: np.ndarray, labels: np.ndarray, classes: list[str], *, seed: int,
