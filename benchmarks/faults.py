@@ -47,16 +47,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same threads, same floats
-TINY = {
-    "name": "faults", "seed": 0,
-    "data": {"source": "digits", "image_size": 16, "max_per_class": 40, "augment": "light"},
-    "classifier": {"arch": "resnet10t", "steps": 30, "batch_size": 32, "warmup_steps": 3, "eval_every": 10,
-                   "predict_batch_size": 128, "model_kwargs": {}},
-    "diagnose": {"budget_total": 24, "n_bootstrap": 200, "max_clusters": 3, "min_slice_size": 3},
-    "generate": {"preset": "tiny", "mode": "exemplar", "strength": 0.5, "batch_size": 16},
-    "gate": {"n_bootstrap": 200},
-    "loop": {"max_rounds": 1, "patience": 1},
-}
+TINY = {**yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text()), "name": "faults"}
 STAGES = ["round-00/train", "round-00/diagnose", "round-01/generate", "round-01/filter", "round-01/gate", "final"]
 ORDER = [*STAGES, "report"]
 # kills per phase in one scenario (a stage's second kill hits its resumed work)

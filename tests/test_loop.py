@@ -14,17 +14,7 @@ import yaml
 from vision_si.config import config_from_dict
 from vision_si.errors import EvaluationInvariantError
 
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "data": {"source": "digits", "image_size": 16, "max_per_class": 40, "augment": "light"},
-    "classifier": {"arch": "resnet10t", "steps": 30, "batch_size": 32, "warmup_steps": 3, "eval_every": 10,
-                   "predict_batch_size": 128, "model_kwargs": {}},
-    "diagnose": {"budget_total": 24, "n_bootstrap": 200, "max_clusters": 3, "min_slice_size": 3},
-    "generate": {"preset": "tiny", "mode": "exemplar", "strength": 0.5, "batch_size": 16},
-    "gate": {"n_bootstrap": 200},
-    "loop": {"max_rounds": 1, "patience": 1},
-}
+TINY = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").read_text())
 
 
 def tiny_config(tmp_path: Path, **over):
