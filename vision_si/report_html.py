@@ -181,13 +181,13 @@ color:#166534}.badge.bad{background:#fee2e2;color:#991b1b}.badge.warn{background
 .pill{display:inline-block;padding:1px 10px;border-radius:999px;font-size:13px;font-weight:600}
 .pill.ok{background:#dcfce7;color:#166534}.pill.bad{background:#fee2e2;color:#991b1b}
 .pill.warn{background:#fef9c3;color:#854d0e}.up{color:#15803d}.down{color:#b91c1c}
-.pair{display:flex;flex-wrap:wrap;gap:24px}.pair>div{flex:1 1 420px;min-width:0;overflow-x:auto}
+.pair{display:flex;flex-wrap:wrap;gap:24px}.pair>div{flex:1 1 480px;min-width:0;overflow-x:auto}
 .stack img.plot{max-width:100%}table.cm thead th{font-size:12px;max-width:110px;overflow-wrap:anywhere}
 .small{font-size:13px;color:#475569}.card{border:1px solid #e2e8f0;border-radius:8px;padding:8px 16px;margin:10px 0}
 img{max-width:100%}img.plot{width:100%;max-width:560px;height:auto}.gallery{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0;width:104px;text-align:center}figure img{width:96px;height:96px;object-fit:contain;
-image-rendering:pixelated;background:#0f172a;border-radius:4px}.gallery.wide figure{width:168px}
-.gallery.wide figure img{width:160px;height:auto;image-rendering:auto;background:none}
+image-rendering:pixelated;background:#0f172a;border-radius:4px}.gallery.wide figure{width:48%;min-width:320px}
+.gallery.wide figure img{width:100%;height:auto;image-rendering:auto;background:none}
 figcaption{font-size:11px;color:#475569;overflow-wrap:anywhere}.count{color:#64748b;font-weight:400}
 .groups{display:flex;flex-wrap:wrap;gap:4px 32px}.group{margin-bottom:10px}.bar{height:12px;background:#3b82f6;border-radius:3px;min-width:2px}
 table.timings{width:100%;max-width:760px}table.timings td:last-child{width:60%}.cards{display:flex;gap:12px;flex-wrap:wrap;margin-top:14px}
