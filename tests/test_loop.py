@@ -103,11 +103,12 @@ def test_invariant_trips_when_a_synthetic_image_is_put_into_val(finished_run):
     assert loop.check_invariants(data, ["syn-r01-000002"], ["0" * 64]) == 0
 
 
-def _kill_when(run_dir_parent: Path, pattern: str, proc: subprocess.Popen, timeout: float = 240) -> bool:
+def _kill_when(run_dir_parent: Path, pattern: str, proc: subprocess.Popen, timeout: float = 240,
+               sig: int = signal.SIGKILL) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if list(run_dir_parent.glob(pattern)):
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, sig)
             proc.wait()
             return True
         time.sleep(0.02)
@@ -137,6 +138,27 @@ def test_kill_then_resume_reproduces_the_uninterrupted_run(finished_run, tmp_pat
     rows = [json.loads(line) for line in (gen / "manifest.jsonl").read_text().splitlines()]
     assert len({r["id"] for r in rows}) == len(rows) == 24
     assert sorted(p.name for p in (gen / "images").iterdir()) == sorted(Path(r["path"]).name for r in rows)
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_the_resume_hint_and_resume_finishes_the_run(finished_run, tmp_path):
+    """Ctrl-C (SIGINT) is not a success: exit 130, one line saying how to continue, no traceback."""
+    _tmp, cfg, reference, _s = finished_run
+    data = yaml.safe_load((reference / "config.yaml").read_text())
+    data["output_dir"] = str(tmp_path / "runs")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, "-m", "vision_si.cli", "run", str(tmp_path / "tiny.yaml"), "--quiet"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _kill_when(tmp_path / "runs", "*/round-01/generate.tmp/images/*.png", proc, sig=signal.SIGINT), \
+        "the run finished before the interrupt point was reached"
+    err = proc.stderr.read()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "vsi resume" in err and "Traceback" not in err
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    assert not (run_dir / "summary.json").exists()
+    out = vsi("resume", str(run_dir), "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert metrics_of(run_dir) == metrics_of(reference)
 
 
 def test_threads_setting_limits_torch_during_the_run_and_restores_it(tmp_path, monkeypatch):

@@ -195,9 +195,16 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
     typer.echo(str(write_report(run_dir)))
 
 
+def _interrupted() -> None:
+    typer.echo("interrupted; `vsi resume RUN_DIR` continues from the last complete stage", err=True)
+    sys.exit(130)
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode typer turns Ctrl-C into a returned 130 and `typer.Exit(n)` into a
+        # returned n (commands themselves return None), so the return value is the exit code.
+        code = app(standalone_mode=False)
     except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -205,8 +212,7 @@ def main() -> None:
         typer.echo(f"stopped: {exc}", err=True)
         sys.exit(3)
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("interrupted; `vsi resume RUN_DIR` continues from the last complete stage", err=True)
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
@@ -225,6 +231,10 @@ def main() -> None:
             traceback.print_exc(file=fh)
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (traceback: {path})", err=True)
         sys.exit(1)
+    if code == 130:
+        _interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
