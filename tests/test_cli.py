@@ -19,6 +19,13 @@ def test_help_lists_the_commands_of_the_design():
         assert cmd in out.stdout
 
 
+def test_version_is_printed_with_exit_0():
+    from vision_si import __version__
+
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"vision_si {__version__}"
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
