@@ -236,7 +236,7 @@ def test_elpv_source_with_a_cap():
 def test_elpv_without_the_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "elpv_dataset" else real(name, *a))
-    with pytest.raises(DataError, match=r"pip install 'vision-si\[elpv\]'"):
+    with pytest.raises(DataError, match=r"pip install elpv-dataset.*pip install -e '\.\[elpv\]'"):
         load_elpv()
 
 

@@ -45,7 +45,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.delenv("VSI_RUN_DIR", raising=False)  # 03 must make its own run here
     if path.stem == "01_quickstart" and importlib.util.find_spec("elpv_dataset") is None:
-        pytest.skip("01_quickstart needs the ELPV data: pip install 'vision-si[elpv]'")
+        pytest.skip("01_quickstart needs the ELPV data: make setup (or pip install elpv-dataset)")
     nb = nbformat.read(path, as_version=4)
     # kernel "python3": jupyter_client starts it with this interpreter (sys.executable), so the kernel
     # sees the same environment and vision_si as the tests

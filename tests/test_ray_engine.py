@@ -111,5 +111,5 @@ def test_ray_engine_runs_stable_diffusion_like_the_local_engine(ray_local, tmp_p
 
 def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(ConfigError, match=r"pip install 'vision-si\[ray\]'"), ray_session(None):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[ray\]'"), ray_session(None):
         pass

@@ -236,7 +236,7 @@ def test_bad_preset_values_name_the_key():
 
 def test_missing_transformers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(InputError, match=r"pip install 'vision-si\[sd\]'"):
+    with pytest.raises(InputError, match=r"need transformers, which is not installed: .*pip install -e '\.\[sd\]'"):
         import_sd()
 
 

@@ -33,7 +33,8 @@ from vision_si.data.table import SampleTable
 from vision_si.errors import DataError
 
 ELPV_CLASSES = ["functional", "possibly_defective", "likely_defective", "defective"]
-ELPV_INSTALL = "pip install 'vision-si[elpv]' (or `make setup`)"
+# elpv-dataset is on PyPI (vision_si itself is not): `make setup` installs it as the `elpv` extra
+ELPV_INSTALL = "`pip install elpv-dataset` (in a checkout: `make setup` or `pip install -e '.[elpv]'`)"
 
 
 def load_elpv(*, on_bad_image: str = "error", max_per_class: int | None = None, seed: int = 0,
@@ -43,7 +44,8 @@ def load_elpv(*, on_bad_image: str = "error", max_per_class: int | None = None, 
         raise DataError(f"data.source 'elpv' needs the elpv-dataset package, which is not installed: {ELPV_INSTALL}")
     labels_csv = Path(spec.origin).parent / "data" / "labels.csv"
     if not labels_csv.is_file():
-        raise DataError(f"{labels_csv}: ELPV labels file missing; reinstall with {ELPV_INSTALL}")
+        raise DataError(f"{labels_csv}: ELPV labels file missing; reinstall with "
+                        "`pip install --force-reinstall elpv-dataset`")
     records = []
     for n, line in enumerate(labels_csv.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

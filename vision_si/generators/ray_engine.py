@@ -71,7 +71,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None, prog
         import ray
         import ray.data  # noqa: F401
     except ImportError as exc:
-        raise ConfigError(f"generate.engine 'ray' needs {exc.name or 'ray'}: pip install 'vision-si[ray]'") from None
+        raise ConfigError(f"generate.engine 'ray' needs {exc.name or 'ray'}, which is not installed: install the "
+                          "`ray` extra (`pip install -e '.[ray]'` in a checkout, or `make setup-dev`)") from None
     if ray.is_initialized():
         yield ray
         return

@@ -68,6 +68,8 @@ PROMPT_DEFAULTS: dict[str, Any] = {"template": "an image of a {class_words}", "c
 SAMPLE_DEFAULTS: dict[str, Any] = {"sampler": "default", "steps": 30, "guidance_scale": 7.5}
 MASK_DEFAULTS: dict[str, Any] = {"size": 0.5, "position": "center"}
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
+# the package is not on PyPI, so the extra is installed from a checkout
+SD_INSTALL = "install the `sd` extra (`pip install -e '.[sd]'` in a checkout, or `make setup-dev`)"
 
 
 def import_sd() -> Any:
@@ -76,8 +78,8 @@ def import_sd() -> Any:
         import diffusers
         import transformers  # noqa: F401
     except ImportError as exc:
-        raise InputError(f"the Stable Diffusion backends need {exc.name or 'transformers'}: "
-                         "pip install 'vision-si[sd]'") from None
+        raise InputError(f"the Stable Diffusion backends need {exc.name or 'transformers'}, which is not "
+                         f"installed: {SD_INSTALL}") from None
     return diffusers
 
 
