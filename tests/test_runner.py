@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -223,3 +225,24 @@ def test_plan_errors_name_the_request_and_key(tmp_path):
     plan.write_text("requests:\n  - {class: a, count: 2, mode: exemplar}\n")
     with pytest.raises(ConfigError, match=r"requests\[0\].*no exemplar_ids"):
         load_plan(plan)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("elpv_dataset") is None, reason="elpv extra not installed")
+def test_the_documented_elpv_plan_names_real_classes_and_training_ids(tmp_path):
+    import vision_si.generators.runner as runner
+    from vision_si.data import load_source, make_splits
+
+    example = re.search(r"```yaml\n(.*?)```", runner.__doc__, re.S).group(1)
+    (tmp_path / "plan.yaml").write_text(example)
+    plan = load_plan(tmp_path / "plan.yaml")
+    table = load_source(plan.config.data, plan.config.seed, progress=False)
+    splits = make_splits(table, plan.config.data.split, plan.config.seed)
+    train_ids = {i for i, s in zip(table.ids, splits, strict=True) if s == "train"}
+    exemplar_requests = [r for r in plan.requests if r.mode == "exemplar"]
+    assert exemplar_requests
+    for req in plan.requests:
+        assert req.class_name in table.classes or 0 <= req.class_index < len(table.classes)
+    for req in exemplar_requests:
+        assert req.exemplar_ids and set(req.exemplar_ids) <= train_ids
+        # an exemplar is an image of the class it asks for
+        assert {table.labels[table.ids.index(i)] for i in req.exemplar_ids} == {table.classes.index(req.class_name)}

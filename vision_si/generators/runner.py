@@ -20,7 +20,9 @@ twice. `regenerate(row, generator, rows=...)` re-creates an image from the manif
 Plan files (`generate_from_plan`, the `vsi generate --plan PLAN --out DIR` job) are YAML or JSON.
 Besides `requests`, a plan takes the run-config sections `seed`, `data` and `generate` (same keys as
 a run config; the generator trains on the `train` split that a run with this seed and data config
-would make, so the two share the cached generator), and optionally `id_prefix` (default `syn-plan`):
+would make, so the two share the cached generator), and optionally `id_prefix` (default `syn-plan`).
+A plan for ELPV, whose classes are `functional`, `possibly_defective`, `likely_defective` and
+`defective` (indices 0-3) and whose ids are `elpv:<file stem>`:
 
 ```yaml
 seed: 0
@@ -28,14 +30,17 @@ data: {source: elpv, image_size: 32}
 generate: {preset: quick, batch_size: 64}
 id_prefix: syn-plan
 requests:
-  - class: mono-defective     # class name or index
+  - class: defective          # class name or index
     count: 5000
     mode: exemplar            # exemplar | class (guided needs a classifier and is not for plans)
     strength: 0.5             # exemplar mode: 0 keeps the exemplar, 1 is pure noise
-    exemplar_ids: [elpv:0042, elpv:0107]   # ids of training-split images (never val or test)
+    exemplar_ids: [elpv:cell0001, elpv:cell0003]   # in the train split (never val or test)
     slice_id: manual          # optional label recorded in the manifest
-  - {class: 0, count: 200, mode: class}
+  - {class: 0, count: 200, mode: class}   # 0: functional
 ```
+
+Exemplar ids must lie in the `train` split that `seed` and `data.split` make (the ids above do for
+seed 0 and the default split); a run's `splits.csv` lists every id with its split.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ lora: null                # optional LoRA weights (a .safetensors file or a fold
 resolution: 512           # the pipeline's working size (multiple of 8); null: the model's own
 prompts:
   template: "an electroluminescence image of a {class_name} solar cell"
-  classes: {mono-defective: "..."}   # optional per-class prompts replacing the template
+  classes: {defective: "..."}   # optional prompts by class name (here an ELPV class), replacing the template
   negative: "text, watermark"
 sample: {sampler: default, steps: 30, guidance_scale: 7.5}
 ```
