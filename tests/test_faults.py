@@ -135,3 +135,18 @@ def test_second_process_on_a_locked_run_directory_is_refused(run_copy, capsys):
     code, err = vsi(capsys, "generate", run_copy, "--quiet")
     assert code == 0, err
     assert not (run_copy / "lock").exists()
+
+
+def test_a_stage_command_with_no_such_stage_left_finishes_the_run_and_says_so(run_copy, capsys):
+    """`vsi gate RUN` stops after the next gate; with none left it runs to the end and prints the result."""
+    from cli_helpers import run_vsi
+
+    code, err, out = run_vsi(capsys, "gate", run_copy, "--quiet")
+    assert code == 0, err
+    assert (run_copy / "round-01/gate/decision.json").is_file() and not (run_copy / "summary.json").exists()
+    assert f"run directory: {run_copy}" in out
+    code, err, out = run_vsi(capsys, "gate", run_copy, "--quiet")  # max_rounds 1: no gate left
+    assert code == 0, err
+    assert (run_copy / "summary.json").is_file()
+    assert "no 'gate' stage was left to run: the run is complete" in err
+    assert "test split" in out and "macro-F1" in out  # the result table, as `vsi run` prints it

@@ -153,8 +153,8 @@ def test_ctrl_c_exits_130_with_the_resume_hint_and_resume_finishes_the_run(finis
         "the run finished before the interrupt point was reached"
     err = proc.stderr.read()
     assert proc.returncode == 130, err
-    assert "interrupted" in err and "vsi resume" in err and "Traceback" not in err
     (run_dir,) = list((tmp_path / "runs").iterdir())
+    assert "interrupted" in err and f"vsi resume {run_dir}" in err and "Traceback" not in err
     assert not (run_dir / "summary.json").exists()
     out = vsi("resume", str(run_dir), "--quiet")
     assert out.returncode == 0, out.stderr

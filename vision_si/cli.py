@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -45,7 +46,16 @@ _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, er
 
 
 def _echo(quiet: bool):
-    return (lambda _msg: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+    if quiet:
+        # a skipped bad image is recorded in the run's skipped_images.csv; --quiet prints only the result
+        warnings.filterwarnings("ignore", message="skipped: ")
+        return lambda _msg: None
+    return lambda msg: typer.echo(msg, err=True)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_args: object, **_kw: object) -> str:
+    """Warnings as one line for a command-line user, without the source line that raised them."""
+    return f"warning: {message}\n"
 
 
 def _load(config: Path, overrides: list[str] | None):
@@ -149,7 +159,11 @@ def _until(stage: str, target: Path, overrides: list[str] | None, quiet: bool) -
         from vision_si.loop import run_loop
 
         rd = run_loop(cfg, progress=not quiet, echo=_echo(quiet), until=stage)
-    typer.echo(f"run directory: {rd}")
+    if (rd / "summary.json").exists():  # no such stage was left: the run went on to its end
+        typer.echo(f"no '{stage}' stage was left to run: the run is complete", err=True)
+        _print_result(rd)
+    else:
+        typer.echo(f"run directory: {rd}")
 
 
 TargetArg = typer.Argument(..., help="A run config YAML (starts a new run) or a run directory (continues it).")
@@ -212,11 +226,15 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
 
 
 def _interrupted() -> None:
-    typer.echo("interrupted; `vsi resume RUN_DIR` continues from the last complete stage", err=True)
+    loop = sys.modules.get("vision_si.loop")  # imported only once a run has started
+    run_dir = getattr(loop, "current_run_dir", None) if loop else None
+    hint = f"`vsi resume {run_dir}`" if run_dir else "`vsi resume RUN_DIR`"
+    typer.echo(f"interrupted; {hint} continues from the last complete stage", err=True)
     sys.exit(130)
 
 
 def main() -> None:
+    warnings.formatwarning = _one_line_warning
     try:
         # Outside standalone mode typer turns Ctrl-C into a returned 130 and `typer.Exit(n)` into a
         # returned n (commands themselves return None), so the return value is the exit code.

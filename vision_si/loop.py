@@ -473,6 +473,9 @@ def leak_pixel_threshold(result: FilterResult, default: float) -> float:
         return float(default)
 
 
+current_run_dir: Path | None = None  # the run directory of the latest run_loop call in this process
+
+
 def run_loop(cfg: RunConfig, run_dir: Path | None = None, *, progress: bool = True,
              echo: Callable[[str], None] = print, until: str | None = None) -> Path:
     """Start a run (a new directory under `cfg.output_dir` unless `run_dir` is given) and execute it."""
@@ -481,6 +484,8 @@ def run_loop(cfg: RunConfig, run_dir: Path | None = None, *, progress: bool = Tr
         run_dir = new_run_dir(cfg.output_dir, cfg.name)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    global current_run_dir
+    current_run_dir = run_dir  # the CLI names it when a Ctrl-C stops the run
     try:
         with RunLock(run_dir):
             if not (run_dir / "config.yaml").exists():

@@ -222,11 +222,19 @@ class DDPMGenerator(PipelineGenerator):
         self.data_channels_, self.data_size_ = meta["data_channels"], meta["data_size"]
         self.model_channels_ = meta["model_channels"]
         self.loss_history_, self.train_seconds_ = meta["loss_history"], meta["train_seconds"]
+        from diffusers.utils import logging as diffusers_logging
+
+        bars = diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.disable_progress_bar()  # a two-component bar per load is noise beside the stage lines
         try:
-            pipe = ClassConditionalPipeline.from_pretrained(folder / "pipeline")
+            # low_cpu_mem_usage=False: a ~1 M-parameter model needs no accelerate (diffusers warns without it)
+            pipe = ClassConditionalPipeline.from_pretrained(folder / "pipeline", low_cpu_mem_usage=False)
         except Exception as exc:  # a damaged or foreign cache entry: safetensors/JSON parse errors, a refused pickle
             raise DataError(f"{folder / 'pipeline'}: cannot load the cached generator ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); delete '{folder}' to retrain it") from None
+        finally:
+            if bars:
+                diffusers_logging.enable_progress_bar()
         self._set_pipeline(pipe)
         self.folder_ = folder
 
