@@ -63,6 +63,8 @@ def test_loop_runs_end_to_end_and_writes_the_contract_files(finished_run):
     for stage in ("round-00/train", "round-00/diagnose", "round-01/generate", "round-01/filter", "round-01/gate",
                   "final"):
         assert (run_dir / stage).is_dir(), stage
+    # the thread count is part of what makes a CPU run reproducible (ENV runs it with OMP_NUM_THREADS=1)
+    assert json.loads((run_dir / "env.json").read_text())["cpu_threads"] == 1
     s = json.loads((run_dir / "summary.json").read_text())
     assert set(s) >= {"dataset", "classes", "rounds", "test", "timings_s", "synthetic_in_eval_splits"}
     assert s["synthetic_in_eval_splits"] == 0

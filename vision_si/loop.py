@@ -47,7 +47,7 @@ from vision_si.errors import ConfigError, EvaluationInvariantError, InputError, 
 from vision_si.filter import FilterResult, filter_candidates, read_reviews
 from vision_si.gate import GateDecision, run_gate
 from vision_si.generators import GenerationRequest
-from vision_si.generators.presets import resolve_preset
+from vision_si.generators.presets import check_preset, resolve_preset
 from vision_si.generators.runner import read_manifest, run_generation
 from vision_si.metrics import bootstrap_interval, classification_metrics
 from vision_si.plots import write_diagnosis_plots
@@ -143,8 +143,8 @@ class Loop:
     # ------------------------------------------------------------------ data
     def load_data(self) -> RealData:
         cfg = self.cfg
-        try:  # an unknown generator preset is named now, not after round 0's training
-            resolve_preset(cfg.generate)
+        try:  # an unknown preset or backend, or a backend's missing extra, is named now, not after round 0
+            check_preset(resolve_preset(cfg.generate))
         except ConfigError as exc:
             raise ConfigError(f"generate.preset: {exc}") from None
         table = load_source(cfg.data, cfg.seed, progress=self.progress)
@@ -492,6 +492,10 @@ def run_loop(cfg: RunConfig, run_dir: Path | None = None, *, progress: bool = Tr
                 from vision_si.classifier import resolve_device
 
                 env = environment_info(cfg.seed, str(resolve_device(cfg.classifier.device)))
+                import torch
+
+                # CPU results are reproducible for a seed at a given thread count (float summation order)
+                env["cpu_threads"] = cfg.threads or torch.get_num_threads()
                 save_config(cfg, run_dir / "config.yaml.tmp")  # atomic: a kill never leaves half a config
                 os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
                 atomic_write_json(run_dir / "env.json", env)
