@@ -17,7 +17,9 @@ sample: {sampler: dpmsolver++, steps: 15, guidance_scale: 2.0}
 ```
 
 `load_preset(name_or_path)` reads one and adds `name` (the file's stem); `resolve_preset(cfg)`
-applies a `GenerateConfig`'s overrides (`backend`, `steps`, `guidance_scale`).
+applies a `GenerateConfig`'s overrides (`backend`, `steps`, `guidance_scale`); `check_preset(preset)`
+refuses, before a run does any work, a preset whose backend is unknown, does not take one of its
+keys, or needs modules that are not installed (a backend's optional `check_dependencies()`).
 
 The seed a generator trains with is not a preset key: it is the run's seed, or `generate.train_seed`
 when set (a trained `ddpm` generator is cached by data, training settings and that seed, so a fixed
@@ -34,6 +36,7 @@ import yaml
 
 from vision_si.config import REPO_ROOT, SHIPPED_ROOT, GenerateConfig, resolve_path
 from vision_si.errors import ConfigError
+from vision_si.generators.base import create_generator
 
 
 def _preset_dir() -> Path:
@@ -96,3 +99,16 @@ def resolve_preset(cfg: GenerateConfig) -> dict[str, Any]:
 def generator_kwargs(preset: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for `create_generator(preset['backend'], **kwargs)`: every key but `backend`."""
     return {k: copy.deepcopy(v) for k, v in preset.items() if k != "backend"}
+
+
+def check_preset(preset: dict[str, Any]) -> None:
+    """Raise `ConfigError` now for what would otherwise stop a run after round 0's training.
+
+    Builds the backend from the preset (cheap: a generator's `__init__` only stores its keys), which
+    refuses an unknown backend or key, then calls the backend's `check_dependencies()` when it has
+    one (the Stable Diffusion backends name their extra there).
+    """
+    generator = create_generator(preset["backend"], **generator_kwargs(preset))
+    check = getattr(generator, "check_dependencies", None)
+    if callable(check):
+        check()

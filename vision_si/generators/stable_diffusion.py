@@ -48,6 +48,7 @@ condition every image as much as the weights do. diffusers and transformers are 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import warnings
@@ -70,6 +71,15 @@ MASK_DEFAULTS: dict[str, Any] = {"size": 0.5, "position": "center"}
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert("L")
 # the package is not on PyPI, so the extra is installed from a checkout
 SD_INSTALL = "install the `sd` extra (`pip install -e '.[sd]'` in a checkout, or `make setup-dev`)"
+
+
+def missing_modules(*, lora: bool = False) -> list[str]:
+    """The modules a Stable Diffusion preset needs that are not installed, found without importing them.
+
+    transformers holds the pipelines' text encoder and tokenizer; diffusers loads LoRA weights through peft.
+    """
+    wanted = ["diffusers", "transformers"] + (["peft"] if lora else [])
+    return [m for m in wanted if importlib.util.find_spec(m) is None]
 
 
 def import_sd() -> Any:
@@ -191,6 +201,13 @@ class StableDiffusionGenerator(PipelineGenerator):
     def modes(self) -> tuple[str, ...]:
         """Targeting modes this backend can make."""
         return TASK_MODES[self.task]
+
+    def check_dependencies(self) -> None:
+        """Refuse a preset whose modules are not installed (a `ConfigError` naming the extra), before any work."""
+        missing = missing_modules(lora=bool(self.lora))
+        if missing:
+            raise ConfigError(f"generator preset {self.name!r} (backend {self.task}) needs {', '.join(missing)}, "
+                              f"which is not installed: {SD_INSTALL}")
 
     # ------------------------------------------------------------------ settings
     def settings(self) -> dict[str, Any]:
@@ -435,4 +452,4 @@ class StableDiffusionInpaint(StableDiffusionGenerator):
 
 
 __all__ = ["StableDiffusionGenerator", "StableDiffusionImg2Img", "StableDiffusionInpaint",
-           "StableDiffusionText2Image", "class_prompts", "import_sd", "mask_box", "offline_mode"]
+           "StableDiffusionText2Image", "class_prompts", "import_sd", "mask_box", "missing_modules", "offline_mode"]
