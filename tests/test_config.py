@@ -111,3 +111,16 @@ def test_elpv_card_names_its_licence_and_classes():
 def test_every_section_is_a_dataclass_with_defaults():
     for f in dataclasses.fields(RunConfig):
         assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+def test_load_config_finds_a_relative_path_as_the_cli_does(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository root: the checkout's configs/ is found anyway
+    cfg = load_config("configs/demo.yaml", ["classifier.steps=200"])
+    assert cfg.name == "demo" and cfg.classifier.steps == 200
+    assert cfg == load_config(REPO_ROOT / "configs" / "demo.yaml", ["classifier.steps=200"])
+    # a file of that name in the working directory comes first
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("name: mine\n")
+    assert load_config("configs/demo.yaml").name == "mine"
+    with pytest.raises(ConfigError, match=r"config file 'configs/nope.yaml' not found"):
+        load_config("configs/nope.yaml")

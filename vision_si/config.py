@@ -366,10 +366,14 @@ def _deepcopy(data: Any) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Read a run config YAML (or the defaults when `path` is None) and apply overrides."""
+    """Read a run config YAML (or the defaults when `path` is None) and apply overrides.
+
+    A relative `path` is found as the CLI finds it (`resolve_path`): in the working directory, then
+    the checkout, then the copy installed with the package.
+    """
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{path}' not found")
         data = _read_yaml(p)
