@@ -58,8 +58,9 @@ def main() -> int:
     own = re.findall(r"\[\s*([\d.]+)s\] report written", err)
     threads = subprocess.run([str(clone / ".venv/bin/python"), "-c", "import torch; print(torch.get_num_threads())"],
                              capture_output=True, text=True).stdout.strip() if (clone / ".venv").is_dir() else "?"
-    table = proc.stdout[proc.stdout.find("test split") - 20:] if "test split" in proc.stdout else proc.stdout[-3000:]
-    table = "\n".join(line.rstrip() for line in table.splitlines() if line.strip())
+    out_lines = [line.rstrip() for line in proc.stdout.splitlines() if line.strip()]
+    first = next((i for i, line in enumerate(out_lines) if "test split" in line), max(0, len(out_lines) - 40))
+    table = "\n".join(out_lines[first:])
     lines = [
         "# `make demo` on a fresh clone, nothing cached",
         "",
