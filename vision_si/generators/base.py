@@ -116,6 +116,24 @@ def image_seed(run_seed: int, image_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def merge_preset_section(section: str, given: Any, defaults: dict[str, Any], preset: str) -> dict[str, Any]:
+    """A preset section with its defaults filled in; a non-mapping or an unknown key names the preset and key."""
+    given = {} if given is None else given
+    if not isinstance(given, dict):
+        raise ConfigError(f"generator preset {preset!r}: '{section}' must be a mapping, got {given!r}")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(f"generator preset {preset!r}: unknown key(s) {unknown} in '{section}'; "
+                          f"allowed: {', '.join(defaults)}")
+    return {**defaults, **given}
+
+
+def preset_check(ok: bool, preset: str, key: str, value: Any, allowed: str) -> None:
+    """Refuse a preset value out of range, naming the preset, the key, the value and what is allowed."""
+    if not ok:
+        raise ConfigError(f"generator preset {preset!r}: {key}={value!r} is out of range ({allowed})")
+
+
 class PipelineGenerator:
     """What every diffusers-pipeline backend shares: sampling settings read from `settings()["sample"]`
     and the fitted pipeline (`pipeline_`) with the sha256 of its weights (`checkpoint_sha256_`)."""

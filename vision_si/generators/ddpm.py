@@ -38,8 +38,16 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from vision_si.errors import ConfigError, DataError
-from vision_si.generators.base import MODES, PipelineGenerator, match_data, register_generator, to_data_batch
+from vision_si.errors import DataError
+from vision_si.generators.base import (
+    MODES,
+    PipelineGenerator,
+    match_data,
+    merge_preset_section,
+    preset_check,
+    register_generator,
+    to_data_batch,
+)
 from vision_si.generators.pipeline import SAMPLERS, ClassConditionalPipeline, make_scheduler
 from vision_si.rundir import pid_alive
 
@@ -53,22 +61,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 SAMPLE_DEFAULTS: dict[str, Any] = {"sampler": "dpmsolver++", "steps": 15, "guidance_scale": 2.0}
 CACHE_VERSION = "vision_si-ddpm-1"
-
-
-def _merge(section: str, given: Any, defaults: dict[str, Any], preset: str) -> dict[str, Any]:
-    given = {} if given is None else given
-    if not isinstance(given, dict):
-        raise ConfigError(f"generator preset {preset!r}: '{section}' must be a mapping, got {given!r}")
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ConfigError(f"generator preset {preset!r}: unknown key(s) {unknown} in '{section}'; "
-                          f"allowed: {', '.join(defaults)}")
-    return {**defaults, **given}
-
-
-def _check(ok: bool, preset: str, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"generator preset {preset!r}: {key}={value!r} is out of range ({allowed})")
 
 
 def _device(name: str) -> torch.device:
@@ -118,35 +110,35 @@ class DDPMGenerator(PipelineGenerator):
     def settings(self) -> dict[str, Any]:
         """The preset with defaults filled in, checked; raises `ConfigError` naming the bad key."""
         p = self.name
-        unet = _merge("unet", self.unet, UNET_DEFAULTS, p)
-        train = _merge("train", self.train, TRAIN_DEFAULTS, p)
-        sample = _merge("sample", self.sample, SAMPLE_DEFAULTS, p)
-        train["augment"] = _merge("train.augment", train["augment"], TRAIN_DEFAULTS["augment"], p)
-        _check(isinstance(self.resolution, int) and 8 <= self.resolution <= 1024 and self.resolution % 8 == 0, p,
+        unet = merge_preset_section("unet", self.unet, UNET_DEFAULTS, p)
+        train = merge_preset_section("train", self.train, TRAIN_DEFAULTS, p)
+        sample = merge_preset_section("sample", self.sample, SAMPLE_DEFAULTS, p)
+        train["augment"] = merge_preset_section("train.augment", train["augment"], TRAIN_DEFAULTS["augment"], p)
+        preset_check(isinstance(self.resolution, int) and 8 <= self.resolution <= 1024 and self.resolution % 8 == 0, p,
                "resolution", self.resolution, "a multiple of 8 from 8 to 1024")
-        _check(self.channels in ("auto", 1, 3), p, "channels", self.channels, "auto, 1 or 3")
+        preset_check(self.channels in ("auto", 1, 3), p, "channels", self.channels, "auto, 1 or 3")
         widths = unet["block_out_channels"]
-        _check(isinstance(widths, list) and 1 <= len(widths) <= 5 and all(isinstance(w, int) and w > 0 for w in widths),
+        preset_check(isinstance(widths, list) and 1 <= len(widths) <= 5 and all(isinstance(w, int) and w > 0 for w in widths),
                p, "unet.block_out_channels", widths, "a list of 1 to 5 positive integers")
-        _check(all(w % int(unet["norm_num_groups"]) == 0 for w in widths), p, "unet.norm_num_groups",
+        preset_check(all(w % int(unet["norm_num_groups"]) == 0 for w in widths), p, "unet.norm_num_groups",
                unet["norm_num_groups"], "must divide every block_out_channels entry")
-        _check(self.resolution % 2 ** (len(widths) - 1) == 0, p, "resolution", self.resolution,
+        preset_check(self.resolution % 2 ** (len(widths) - 1) == 0, p, "resolution", self.resolution,
                f"divisible by {2 ** (len(widths) - 1)} for {len(widths)} UNet levels")
-        _check(int(unet["layers_per_block"]) >= 1, p, "unet.layers_per_block", unet["layers_per_block"], ">= 1")
-        _check(int(train["steps"]) >= 1, p, "train.steps", train["steps"], ">= 1")
-        _check(int(train["batch_size"]) >= 1, p, "train.batch_size", train["batch_size"], ">= 1")
-        _check(0 < float(train["lr"]) <= 1, p, "train.lr", train["lr"], "0 < x <= 1")
-        _check(0 < float(train["ema_decay"]) < 1, p, "train.ema_decay", train["ema_decay"], "0 < x < 1")
-        _check(0 <= float(train["cfg_dropout"]) < 1, p, "train.cfg_dropout", train["cfg_dropout"], "0 <= x < 1")
-        _check(0 <= float(train["class_balance"]) <= 1, p, "train.class_balance", train["class_balance"], "0 to 1")
-        _check(train["prediction_type"] in ("epsilon", "v_prediction"), p, "train.prediction_type",
+        preset_check(int(unet["layers_per_block"]) >= 1, p, "unet.layers_per_block", unet["layers_per_block"], ">= 1")
+        preset_check(int(train["steps"]) >= 1, p, "train.steps", train["steps"], ">= 1")
+        preset_check(int(train["batch_size"]) >= 1, p, "train.batch_size", train["batch_size"], ">= 1")
+        preset_check(0 < float(train["lr"]) <= 1, p, "train.lr", train["lr"], "0 < x <= 1")
+        preset_check(0 < float(train["ema_decay"]) < 1, p, "train.ema_decay", train["ema_decay"], "0 < x < 1")
+        preset_check(0 <= float(train["cfg_dropout"]) < 1, p, "train.cfg_dropout", train["cfg_dropout"], "0 <= x < 1")
+        preset_check(0 <= float(train["class_balance"]) <= 1, p, "train.class_balance", train["class_balance"], "0 to 1")
+        preset_check(train["prediction_type"] in ("epsilon", "v_prediction"), p, "train.prediction_type",
                train["prediction_type"], "epsilon or v_prediction")
-        _check(train["beta_schedule"] in ("linear", "scaled_linear", "squaredcos_cap_v2"), p, "train.beta_schedule",
+        preset_check(train["beta_schedule"] in ("linear", "scaled_linear", "squaredcos_cap_v2"), p, "train.beta_schedule",
                train["beta_schedule"], "linear, scaled_linear or squaredcos_cap_v2")
-        _check(int(train["checkpoint_every"]) >= 1, p, "train.checkpoint_every", train["checkpoint_every"], ">= 1")
-        _check(sample["sampler"] in SAMPLERS, p, "sample.sampler", sample["sampler"], ", ".join(SAMPLERS))
-        _check(isinstance(sample["steps"], int) and sample["steps"] >= 1, p, "sample.steps", sample["steps"], ">= 1")
-        _check(float(sample["guidance_scale"]) >= 0, p, "sample.guidance_scale", sample["guidance_scale"], ">= 0")
+        preset_check(int(train["checkpoint_every"]) >= 1, p, "train.checkpoint_every", train["checkpoint_every"], ">= 1")
+        preset_check(sample["sampler"] in SAMPLERS, p, "sample.sampler", sample["sampler"], ", ".join(SAMPLERS))
+        preset_check(isinstance(sample["steps"], int) and sample["steps"] >= 1, p, "sample.steps", sample["steps"], ">= 1")
+        preset_check(float(sample["guidance_scale"]) >= 0, p, "sample.guidance_scale", sample["guidance_scale"], ">= 0")
         return {"resolution": self.resolution, "channels": self.channels, "unet": unet, "train": train,
                 "sample": sample}
 

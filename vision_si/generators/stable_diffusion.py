@@ -59,7 +59,14 @@ from typing import Any
 import numpy as np
 
 from vision_si.errors import ConfigError, DataError, InputError
-from vision_si.generators.base import MODES, PipelineGenerator, register_generator, to_data_batch
+from vision_si.generators.base import (
+    MODES,
+    PipelineGenerator,
+    merge_preset_section,
+    preset_check,
+    register_generator,
+    to_data_batch,
+)
 
 PIPELINES = {"sd-txt2img": "StableDiffusionPipeline", "sd-img2img": "StableDiffusionImg2ImgPipeline",
              "sd-inpaint": "StableDiffusionInpaintPipeline"}
@@ -97,22 +104,6 @@ def offline_mode() -> bool:
     """True when the Hugging Face offline switches are set (read now, not at import time)."""
     flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
     return any(str(v).upper() in ("1", "ON", "YES", "TRUE") for v in flags if v)
-
-
-def _merge(section: str, given: Any, defaults: dict[str, Any], preset: str) -> dict[str, Any]:
-    given = {} if given is None else given
-    if not isinstance(given, dict):
-        raise ConfigError(f"generator preset {preset!r}: '{section}' must be a mapping, got {given!r}")
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ConfigError(f"generator preset {preset!r}: unknown key(s) {unknown} in '{section}'; "
-                          f"allowed: {', '.join(defaults)}")
-    return {**defaults, **given}
-
-
-def _check(ok: bool, preset: str, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"generator preset {preset!r}: {key}={value!r} is out of range ({allowed})")
 
 
 def class_prompts(prompts: dict[str, Any], classes: list[str], preset: str) -> list[str]:
@@ -213,27 +204,27 @@ class StableDiffusionGenerator(PipelineGenerator):
     def settings(self) -> dict[str, Any]:
         """The preset with defaults filled in, checked; raises `ConfigError` naming the bad key."""
         p = self.name
-        prompts = _merge("prompts", self.prompts, PROMPT_DEFAULTS, p)
-        sample = _merge("sample", self.sample, SAMPLE_DEFAULTS, p)
+        prompts = merge_preset_section("prompts", self.prompts, PROMPT_DEFAULTS, p)
+        sample = merge_preset_section("sample", self.sample, SAMPLE_DEFAULTS, p)
         if self.task != "sd-inpaint" and self.mask is not None:
             raise ConfigError(f"generator preset {p!r}: 'mask' applies to backend sd-inpaint only, not {self.task}")
-        mask = _merge("mask", self.mask, MASK_DEFAULTS, p)
-        _check(isinstance(self.model, str) and bool(self.model.strip()), p, "model", self.model,
+        mask = merge_preset_section("mask", self.mask, MASK_DEFAULTS, p)
+        preset_check(isinstance(self.model, str) and bool(self.model.strip()), p, "model", self.model,
                "a local pipeline folder or a hub id")
-        _check(self.resolution is None or (isinstance(self.resolution, int) and 8 <= self.resolution <= 4096
+        preset_check(self.resolution is None or (isinstance(self.resolution, int) and 8 <= self.resolution <= 4096
                                            and self.resolution % 8 == 0), p, "resolution", self.resolution,
                "null or a multiple of 8 from 8 to 4096")
-        _check(sample["sampler"] in SAMPLERS, p, "sample.sampler", sample["sampler"], ", ".join(SAMPLERS))
-        _check(isinstance(sample["steps"], int) and sample["steps"] >= 1, p, "sample.steps", sample["steps"], ">= 1")
-        _check(float(sample["guidance_scale"]) >= 0, p, "sample.guidance_scale", sample["guidance_scale"], ">= 0")
-        _check(isinstance(prompts["template"], str), p, "prompts.template", prompts["template"], "a string")
-        _check(isinstance(prompts["classes"], dict), p, "prompts.classes", prompts["classes"], "a class → prompt map")
-        _check(0 < float(mask["size"]) <= 1, p, "mask.size", mask["size"], "0 < size <= 1, a share of the side")
-        _check(mask["position"] in ("center", "random"), p, "mask.position", mask["position"], "center or random")
-        _check(float(self.lora_scale) >= 0, p, "lora_scale", self.lora_scale, ">= 0")
-        _check(self.device == "auto" or str(self.device).split(":")[0] in ("cpu", "cuda", "mps"), p, "device",
+        preset_check(sample["sampler"] in SAMPLERS, p, "sample.sampler", sample["sampler"], ", ".join(SAMPLERS))
+        preset_check(isinstance(sample["steps"], int) and sample["steps"] >= 1, p, "sample.steps", sample["steps"], ">= 1")
+        preset_check(float(sample["guidance_scale"]) >= 0, p, "sample.guidance_scale", sample["guidance_scale"], ">= 0")
+        preset_check(isinstance(prompts["template"], str), p, "prompts.template", prompts["template"], "a string")
+        preset_check(isinstance(prompts["classes"], dict), p, "prompts.classes", prompts["classes"], "a class → prompt map")
+        preset_check(0 < float(mask["size"]) <= 1, p, "mask.size", mask["size"], "0 < size <= 1, a share of the side")
+        preset_check(mask["position"] in ("center", "random"), p, "mask.position", mask["position"], "center or random")
+        preset_check(float(self.lora_scale) >= 0, p, "lora_scale", self.lora_scale, ">= 0")
+        preset_check(self.device == "auto" or str(self.device).split(":")[0] in ("cpu", "cuda", "mps"), p, "device",
                self.device, "auto, cpu, cuda[:n] or mps")
-        _check(self.dtype in ("auto", "float32", "float16", "bfloat16"), p, "dtype", self.dtype,
+        preset_check(self.dtype in ("auto", "float32", "float16", "bfloat16"), p, "dtype", self.dtype,
                "auto, float32, float16 or bfloat16")
         return {"model": self.model, "lora": self.lora, "resolution": self.resolution, "prompts": prompts,
                 "sample": sample, "mask": mask}
