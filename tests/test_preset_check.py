@@ -58,3 +58,14 @@ def test_a_run_with_an_sd_preset_and_no_transformers_stops_before_round_0(monkey
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     # nothing trained and no half-written run left behind
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_run_on_the_ray_engine_without_ray_stops_before_round_0(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    out = tmp_path / "runs"
+    code, err, _ = run_vsi(capsys, "run", TINY, "--quiet", "--set", f"output_dir={out}",
+                           "--set", "generate.engine=ray")
+    assert code == 2
+    assert "generate.engine 'ray' needs ray" in err and "pip install -e '.[ray]'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())

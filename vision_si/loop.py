@@ -18,6 +18,7 @@ not simply repeat what the gate refused.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -147,6 +148,9 @@ class Loop:
             check_preset(resolve_preset(cfg.generate))
         except ConfigError as exc:
             raise ConfigError(f"generate.preset: {exc}") from None
+        if cfg.generate.engine == "ray" and importlib.util.find_spec("ray") is None:
+            raise ConfigError("generate.engine 'ray' needs ray, which is not installed: install the `ray` extra "
+                              "(`pip install -e '.[ray]'` in a checkout, or `make setup-dev`)")
         table = load_source(cfg.data, cfg.seed, progress=self.progress)
         check_resources(cfg, len(table), run_channels(table, cfg.data), self.run_dir)
         path = self.run_dir / "splits.csv"
