@@ -48,24 +48,17 @@ def test_a_key_the_backend_does_not_take_is_refused():
         check_preset({**load_preset("tiny"), "colour": "red"})
 
 
-def test_a_run_with_an_sd_preset_and_no_transformers_stops_before_round_0(monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(sys.modules, "transformers", None)
+@pytest.mark.parametrize(("module", "setting", "needle", "hint"), [
+    ("transformers", "generate.preset=sd-img2img", "needs transformers", "pip install -e '.[sd]'"),
+    ("ray", "generate.engine=ray", "generate.engine 'ray' needs ray", "pip install -e '.[ray]'"),
+])
+def test_a_run_missing_an_extra_stops_before_round_0(module, setting, needle, hint, monkeypatch, capsys, tmp_path):
+    """An sd preset without transformers, or the ray engine without ray: refused before any training."""
+    monkeypatch.setitem(sys.modules, module, None)
     out = tmp_path / "runs"
-    code, err, _ = run_vsi(capsys, "run", TINY, "--quiet", "--set", f"output_dir={out}",
-                           "--set", "generate.preset=sd-img2img")
+    code, err, _ = run_vsi(capsys, "run", TINY, "--quiet", "--set", f"output_dir={out}", "--set", setting)
     assert code == 2
-    assert "generate.preset" in err and "needs transformers" in err and "pip install -e '.[sd]'" in err
+    assert needle in err and hint in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     # nothing trained and no half-written run left behind
-    assert not out.exists() or not any(out.iterdir())
-
-
-def test_a_run_on_the_ray_engine_without_ray_stops_before_round_0(monkeypatch, capsys, tmp_path):
-    monkeypatch.setitem(sys.modules, "ray", None)
-    out = tmp_path / "runs"
-    code, err, _ = run_vsi(capsys, "run", TINY, "--quiet", "--set", f"output_dir={out}",
-                           "--set", "generate.engine=ray")
-    assert code == 2
-    assert "generate.engine 'ray' needs ray" in err and "pip install -e '.[ray]'" in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists() or not any(out.iterdir())
