@@ -184,7 +184,7 @@ def test_threads_setting_limits_torch_during_the_run_and_restores_it(tmp_path, m
     cfg = tiny_config(tmp_path)
     cfg.threads = 1
     loop.run_loop(cfg, progress=False, echo=lambda m: None)
-    assert seen["torch"] == 1 and seen["pools"] <= {1}
+    assert seen["torch"] == 1 and seen["pools"] == {1}, seen  # numpy's BLAS pool at least is present
     assert torch.get_num_threads() == before
     cfg.threads = None
     loop.run_loop(cfg, tmp_path / "other", progress=False, echo=lambda m: None)
