@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,23 @@ class SplitConfig:
     seed: int | None = None  # seed of the split alone (None: the run's seed), so seeds can vary over one split
 
 
+DICOM_GROUP_PREFIX = "dicom:"  # split.group_by: dicom:PatientID groups by an attribute of each file's DICOM header
+
+
+@dataclass
+class DicomConfig:
+    """How the grey values of a DICOM image become [0, 1] (vision_si/data/dicom.py; the `dicom` extra).
+
+    Colour DICOM (RGB, YBR, palette) is scaled by its bit depth and never windowed.
+    """
+
+    # file: the file's first VOI LUT or window (WindowCenter/WindowWidth), else `bits`; bits: the whole range
+    # the stored bits can hold, after RescaleSlope/Intercept; minmax: each image's own min..max; manual: center/width
+    window: Literal["file", "bits", "minmax", "manual"] = "file"
+    center: float | None = None  # window centre in modality units (HU for CT), with window: manual
+    width: float | None = None  # window width (>= 1), with window: manual
+
+
 @dataclass
 class DataConfig:
     source: Literal["elpv", "imagefolder", "csv", "medmnist", "digits"] = "elpv"
@@ -51,6 +69,7 @@ class DataConfig:
     augment: Literal["none", "light", "standard", "strong"] = "standard"
     cache_dir: str = ".cache/vision_si"
     split: SplitConfig = field(default_factory=SplitConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
 
 
 @dataclass
@@ -161,6 +180,15 @@ class LoopConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking (vision_si/tracking.py; the `tracking` extra). Nothing is logged unless asked."""
+
+    mlflow: bool = False
+    uri: str | None = None  # MLflow tracking URI; null: sqlite:///<the folder holding the run directory>/mlflow.db
+    experiment: str = "vision_si"
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -176,6 +204,7 @@ class RunConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -409,6 +438,17 @@ def validate_config(cfg: RunConfig) -> None:
     _check(0 < s.test_fraction < 0.9, "data.split.test_fraction", s.test_fraction, "0 < x < 0.9")
     _check(0 < s.val_fraction < 0.9, "data.split.val_fraction", s.val_fraction, "0 < x < 0.9")
     _check(s.seed is None or s.seed >= 0, "data.split.seed", s.seed, ">= 0 or null")
+    if s.group_by is not None and s.group_by.startswith(DICOM_GROUP_PREFIX):
+        _check(re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", s.group_by[len(DICOM_GROUP_PREFIX):]) is not None,
+               "data.split.group_by", s.group_by, "dicom: followed by a DICOM keyword, e.g. dicom:PatientID")
+    w = d.dicom
+    if w.window == "manual":
+        _check(w.center is not None and w.width is not None, "data.dicom.window", w.window,
+               "manual needs data.dicom.center and data.dicom.width")
+    else:
+        _check(w.center is None and w.width is None, "data.dicom.center/width", [w.center, w.width],
+               "set only with data.dicom.window: manual")
+    _check(w.width is None or w.width >= 1, "data.dicom.width", w.width, ">= 1")
     _check(1 <= c.steps <= 10_000_000, "classifier.steps", c.steps, "1 to 10,000,000")
     _check(1 <= c.batch_size <= 65536, "classifier.batch_size", c.batch_size, "1 to 65536")
     _check(0 < c.lr <= 10, "classifier.lr", c.lr, "0 < x <= 10")
@@ -474,3 +514,7 @@ def validate_config(cfg: RunConfig) -> None:
     lp = cfg.loop
     _check(0 <= lp.max_rounds <= 100, "loop.max_rounds", lp.max_rounds, "0 to 100")
     _check(lp.patience >= 1, "loop.patience", lp.patience, ">= 1")
+    tr = cfg.tracking
+    _check(tr.uri is None or bool(tr.uri.strip()), "tracking.uri", tr.uri, "a tracking URI or null")
+    _check(bool(tr.experiment.strip()) and len(tr.experiment) <= 250, "tracking.experiment", tr.experiment,
+           "a non-empty name of at most 250 characters")

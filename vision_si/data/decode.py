@@ -16,6 +16,10 @@ Mode policy (what `decode_image` does with each PIL mode):
   default is black because the medical and industrial images we target are dark-background.
 - EXIF orientation is applied first (`PIL.ImageOps.exif_transpose`), so pixels are upright.
 
+DICOM files (the `DICM` marker, or a `.dcm`/`.dicom` name) are read by `vision_si.data.dicom` (pydicom,
+the `dicom` extra) with its own policy for bit depth, rescale, window and photometric interpretation;
+`decode_array` picks the reader.
+
 Files larger than `MAX_PIXELS` pixels are refused before their pixels are decoded (decompression
 bombs), as are files that PIL itself flags as bombs. Empty, truncated and non-image files raise a
 `DataError` naming the file and the problem.
@@ -30,9 +34,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vision_si.config import DicomConfig
+from vision_si.data.dicom import DICOM_EXTENSIONS, is_dicom, read_dicom
 from vision_si.errors import DataError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *DICOM_EXTENSIONS)
 MAX_PIXELS = 64_000_000  # 8000×8000; larger files are refused as possible decompression bombs
 ALPHA_POLICIES = ("drop", "composite_black", "composite_white")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, the weights PIL's "L" uses
@@ -144,14 +150,24 @@ def convert_channels(arr: np.ndarray, channels: int | None) -> np.ndarray:
     raise ValueError(f"cannot convert {have} channels to {channels}; allowed: 1 or 3")
 
 
+def decode_array(data: bytes, name: str, alpha: str = "composite_black",
+                 dicom: DicomConfig | None = None) -> np.ndarray:
+    """A file's bytes → float32 H×W×C in [0, 1] with the image's own channels; DICOM or anything PIL reads."""
+    if is_dicom(data, name):
+        return read_dicom(data, name, dicom)
+    return image_to_array(open_image(data, name), alpha, name)
+
+
 def decode_image(path_or_bytes: str | Path | bytes, channels: int | None = None,
-                 alpha: str = "composite_black", *, name: str | None = None) -> np.ndarray:
-    """A file (path or its bytes) → float32 H×W×C in [0, 1]; `channels` None keeps the image's own."""
+                 alpha: str = "composite_black", *, name: str | None = None,
+                 dicom: DicomConfig | None = None) -> np.ndarray:
+    """A file (path or its bytes) → float32 H×W×C in [0, 1]; `channels` None keeps the image's own.
+    `dicom` sets the window of DICOM files (default: the file's own)."""
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         data, label = bytes(path_or_bytes), name or "<bytes>"
     else:
         data, label = read_bytes(path_or_bytes), name or str(path_or_bytes)
-    return convert_channels(image_to_array(open_image(data, label), alpha, label), channels)
+    return convert_channels(decode_array(data, label, alpha, dicom), channels)
 
 
 def resize_image(arr: np.ndarray, size: int, policy: str = "resize") -> np.ndarray:

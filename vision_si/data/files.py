@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from vision_si.data.decode import decode_image, image_to_array, open_image, read_bytes
+from vision_si.config import DicomConfig
+from vision_si.data.decode import decode_array, decode_image, read_bytes
 from vision_si.data.table import SampleTable
 from vision_si.errors import DataError
 
@@ -52,9 +53,10 @@ class FileLoader:
 
     paths: tuple[str, ...]
     alpha: str
+    dicom: DicomConfig | None = None
 
     def __call__(self, j: int) -> np.ndarray:
-        return decode_image(self.paths[j], None, self.alpha)
+        return decode_image(self.paths[j], None, self.alpha, dicom=self.dicom)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -122,8 +124,9 @@ def drop_duplicates(hashes: Sequence[str], labels: Sequence[str], names: Sequenc
 def table_from_files(records: Sequence[FileRecord], classes: Sequence[str], *, name: str,
                      alpha: str = "composite_black", on_bad_image: str = "error",
                      max_per_class: int | None = None, seed: int = 0, progress: bool = True,
-                     bad: BadImages | None = None) -> SampleTable:
-    """Hash, de-duplicate, cap and decode-check `records`; the result's loader decodes on demand."""
+                     bad: BadImages | None = None, dicom: DicomConfig | None = None) -> SampleTable:
+    """Hash, de-duplicate, cap and decode-check `records`; the result's loader decodes on demand.
+    `dicom` sets how DICOM files are windowed (`vision_si.data.dicom`)."""
     bad = bad or BadImages(on_bad_image)
     class_index = {c: k for k, c in enumerate(classes)}
     unknown = sorted({r.label for r in records} - set(class_index))
@@ -139,7 +142,7 @@ def table_from_files(records: Sequence[FileRecord], classes: Sequence[str], *, n
     for i in tqdm(keep, desc=f"{name}: checking images", disable=not progress):
         r = records[i]
         try:
-            arr = image_to_array(open_image(read_bytes(r.path), r.where), alpha, r.where)
+            arr = decode_array(read_bytes(r.path), r.where, alpha, dicom)
         except DataError as exc:
             bad.report(str(r.path), str(exc))
             continue
@@ -155,7 +158,7 @@ def table_from_files(records: Sequence[FileRecord], classes: Sequence[str], *, n
         sha256=[hashes[i] for i in rows],
         groups=[records[i].group for i in rows],
         metadata=[dict(records[i].metadata) for i in rows],
-        loader=FileLoader(tuple(paths), alpha),
+        loader=FileLoader(tuple(paths), alpha, dicom),
         name=name,
         channels=channels,
         skipped=bad.skipped,

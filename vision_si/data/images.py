@@ -4,7 +4,7 @@
 (`DataConfig.channels`, else the data's own), resizes them (`DataConfig.resize`) and caches each
 result as one `.npy` under `DataConfig.cache_dir`. The cache key is the image's sha256 plus
 everything that changes the pixels (size, channels, resize policy, alpha policy, and a format
-version), so two runs or two datasets that share an image share its entry, and an edited file gets
+version; the DICOM window when it is not the default), so two runs or two datasets that share an image share its entry, and an edited file gets
 a new one. Writes are atomic (a temporary file renamed into place), so a killed run never leaves a
 half-written entry. In-memory sources (digits, medmnist) skip the disk cache: their pixels are
 already decoded. An empty `cache_dir` turns the cache off.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from vision_si.config import DataConfig
+from vision_si.config import DataConfig, DicomConfig
 from vision_si.data.decode import convert_channels, decode_image, resize_image
 from vision_si.data.table import SampleTable
 
@@ -35,6 +35,8 @@ def _prepare(arr: np.ndarray, cfg: DataConfig, channels: int) -> np.ndarray:
 
 def cache_folder(cfg: DataConfig, channels: int) -> Path:
     key = f"v{CACHE_VERSION}-s{cfg.image_size}-c{channels}-{cfg.resize}-{cfg.alpha}"
+    if cfg.dicom != DicomConfig():  # a DICOM window of the config's own changes the pixels of DICOM files
+        key += f"-dicom-{cfg.dicom.window}-{cfg.dicom.center}-{cfg.dicom.width}"
     return Path(cfg.cache_dir) / "images" / key
 
 

@@ -4,9 +4,11 @@
   (2,624 grayscale 300×300 cells). The annotated defect probability becomes four ordinal classes:
   0 → `functional`, 1/3 → `possibly_defective`, 2/3 → `likely_defective`, 1 → `defective`. Ids
   are `elpv:<file stem>` (`elpv:cell0001`); the cell type (`mono`/`poly`) is `metadata['type']`.
-- `load_imagefolder`: `root/<class>/**/<image>`; class names are the folder names, sorted.
+- `load_imagefolder`: `root/<class>/**/<image>`; class names are the folder names, sorted. DICOM
+  files (`.dcm`, `.dicom`) count as images (read by `vision_si.data.dicom`, the `dicom` extra).
 - `load_csv`: `path,label[,group][,more...]`; paths are relative to the CSV's folder, which is
-  also the dataset root that no path may leave; other columns become metadata.
+  also the dataset root that no path may leave; other columns become metadata. A path may name a
+  DICOM file, with or without an extension (recognised by its `DICM` marker).
 - `load_medmnist`: an official MedMNIST `.npz`; its own train/val/test split is kept in
   `source_splits`. Class names are the label numbers (`"0"`, `"1"`, ...), as in the file.
 - `load_digits`: scikit-learn's bundled 8×8 digits scaled to [0, 1], for tiny tests.
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vision_si.config import DataConfig, resolve_path
+from vision_si.config import DataConfig, DicomConfig, resolve_path
 from vision_si.data.decode import IMAGE_EXTENSIONS
 from vision_si.data.files import BadImages, FileRecord, cap_per_class, drop_duplicates, table_from_files
 from vision_si.data.table import SampleTable
@@ -70,7 +72,8 @@ def _is_hidden(rel: Path) -> bool:
 
 
 def load_imagefolder(root: str | Path, *, alpha: str = "composite_black", on_bad_image: str = "error",
-                     max_per_class: int | None = None, seed: int = 0, progress: bool = True) -> SampleTable:
+                     max_per_class: int | None = None, seed: int = 0, progress: bool = True,
+                     dicom: DicomConfig | None = None) -> SampleTable:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root: '{root}' is not a folder (expected root/<class>/<image>)")
@@ -92,7 +95,7 @@ def load_imagefolder(root: str | Path, *, alpha: str = "composite_black", on_bad
     if not records:
         raise DataError(f"{root}: no images in any class folder")
     return table_from_files(records, classes, name=root.name, alpha=alpha, on_bad_image=on_bad_image,
-                            max_per_class=max_per_class, seed=seed, progress=progress, bad=bad)
+                            max_per_class=max_per_class, seed=seed, progress=progress, bad=bad, dicom=dicom)
 
 
 def sort_class_names(names: set[str]) -> list[str]:
@@ -104,7 +107,8 @@ def sort_class_names(names: set[str]) -> list[str]:
 
 
 def load_csv(csv_path: str | Path, *, alpha: str = "composite_black", on_bad_image: str = "error",
-             max_per_class: int | None = None, seed: int = 0, progress: bool = True) -> SampleTable:
+             max_per_class: int | None = None, seed: int = 0, progress: bool = True,
+             dicom: DicomConfig | None = None) -> SampleTable:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"data.csv: '{csv_path}' not found")
@@ -150,7 +154,7 @@ def load_csv(csv_path: str | Path, *, alpha: str = "composite_black", on_bad_ima
     records = list(seen.values())
     classes = sort_class_names({r.label for r in records})
     return table_from_files(records, classes, name=csv_path.stem, alpha=alpha, on_bad_image=on_bad_image,
-                            max_per_class=max_per_class, seed=seed, progress=progress, bad=bad)
+                            max_per_class=max_per_class, seed=seed, progress=progress, bad=bad, dicom=dicom)
 
 
 @dataclass(frozen=True)
@@ -252,9 +256,9 @@ def load_source(cfg: DataConfig, seed: int, *, progress: bool = True) -> SampleT
     if cfg.source == "elpv":
         return load_elpv(**files)
     if cfg.source == "imagefolder":
-        return load_imagefolder(_required(cfg, "root"), alpha=cfg.alpha, **files)
+        return load_imagefolder(_required(cfg, "root"), alpha=cfg.alpha, dicom=cfg.dicom, **files)
     if cfg.source == "csv":
-        return load_csv(_required(cfg, "csv"), alpha=cfg.alpha, **files)
+        return load_csv(_required(cfg, "csv"), alpha=cfg.alpha, dicom=cfg.dicom, **files)
     if cfg.source == "medmnist":
         table = load_medmnist(_required(cfg, "npz"), **common)
     elif cfg.source == "digits":

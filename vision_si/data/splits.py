@@ -7,7 +7,8 @@
   are within one image of the exact proportions. Each class keeps at least one image in every split
   (scikit-learn's stratified splitters can leave a small class with none, which would make its
   val/test metrics undefined); a class with fewer than 3 images is an error naming it.
-- With groups (a source's group column, or the metadata key `split.group_by`), whole groups move
+- With groups (a source's group column, the metadata key `split.group_by`, or with `split.group_by:
+  dicom:<Keyword>` that attribute of each file's DICOM header, e.g. `dicom:PatientID`), whole groups move
   together: scikit-learn's `StratifiedGroupKFold` takes one fold as `test`, with
   `round(1 / test_fraction)` folds, then one fold of the rest as `val`, with
   `round(1 / val_fraction)` folds. The fractions are therefore approximate (1/4, 1/5, ...), and
@@ -30,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from vision_si.config import SplitConfig
+from vision_si.config import DICOM_GROUP_PREFIX, SplitConfig
+from vision_si.data.dicom import dicom_attribute
 from vision_si.data.table import SampleTable
 from vision_si.errors import DataError
 
@@ -43,6 +45,16 @@ def split_groups(table: SampleTable, split_cfg: SplitConfig) -> list[str | None]
     key = split_cfg.group_by
     if key is None:
         return list(table.groups) if table.has_groups else None
+    if key.startswith(DICOM_GROUP_PREFIX):  # e.g. dicom:PatientID: one patient never spans two splits
+        keyword = key[len(DICOM_GROUP_PREFIX):]
+        if table.in_memory:
+            raise DataError(f"data.split.group_by: {key} reads DICOM files, but source '{table.name}' has no files")
+        groups = [dicom_attribute(source, keyword) for source in table.sources]
+        missing = [table.sources[i] for i, g in enumerate(groups) if g is None]
+        if missing:
+            raise DataError(f"data.split.group_by: {len(missing)} DICOM file(s) of '{table.name}' have no "
+                            f"{keyword} (first: {missing[0]}); every image needs one to be grouped by it")
+        return groups
     missing = [table.ids[i] for i, m in enumerate(table.metadata) if key not in m]
     if missing:
         available = sorted({k for m in table.metadata for k in m})
