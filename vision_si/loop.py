@@ -65,6 +65,7 @@ from vision_si.rundir import (
     stage_dir,
 )
 from vision_si.similarity import max_similarity, pixel_vectors
+from vision_si.tracking import track_run
 
 STAGES = ("train", "diagnose", "generate", "filter", "gate", "final")
 
@@ -120,8 +121,9 @@ class Loop:
     """State of one run while it executes; `run()` walks the stages, skipping complete ones."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, *, progress: bool = True, echo: Callable[[str], None] = print,
-                 until: str | None = None) -> None:
+                 until: str | None = None, on_stage: Callable[[str], None] | None = None) -> None:
         self.cfg, self.run_dir, self.progress, self.echo, self.until = cfg, Path(run_dir), progress, echo, until
+        self.on_stage = on_stage  # called with the stage's name after each stage completes (tracking)
         self.events = EventLog(self.run_dir)
         self.t0 = time.time()
         self.executed: list[str] = []
@@ -139,6 +141,8 @@ class Loop:
         self.events.write("stage_done", stage=name, seconds=seconds)
         self.echo(f"[{time.time() - self.t0:7.1f}s] {name} done in {seconds:.1f}s")
         self.executed.append(name)
+        if self.on_stage is not None:
+            self.on_stage(name)
         return not (self.until and name.rsplit("/", 1)[-1] == self.until)
 
     # ------------------------------------------------------------------ data
@@ -503,8 +507,8 @@ def run_loop(cfg: RunConfig, run_dir: Path | None = None, *, progress: bool = Tr
                 save_config(cfg, run_dir / "config.yaml.tmp")  # atomic: a kill never leaves half a config
                 os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
                 atomic_write_json(run_dir / "env.json", env)
-            with cpu_threads(cfg.threads):
-                return Loop(cfg, run_dir, progress=progress, echo=echo, until=until).run()
+            with cpu_threads(cfg.threads), track_run(cfg, run_dir) as on_stage:  # on_stage: None unless tracking
+                return Loop(cfg, run_dir, progress=progress, echo=echo, until=until, on_stage=on_stage).run()
     except InputError:
         # Bad input found while setting up a new run (data, checkpoints, resources): no stage is
         # complete, so the directory holds nothing worth keeping and is removed, not left half-written.
