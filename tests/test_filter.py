@@ -24,6 +24,7 @@ from vision_si.filter import (
     create_filter,
     filter_candidates,
     read_reviews,
+    reviews_pending,
 )
 from vision_si.similarity import max_similarity, pixel_vectors, unit_rows
 
@@ -171,6 +172,18 @@ def test_reviews_override_except_a_leak(world, tmp_path):
     path.write_text("id,verdict\nsyn-good-200,maybe\n")
     with pytest.raises(DataError, match="line 2"):
         read_reviews(path)
+
+
+def test_reviews_pending_finds_reviews_a_filter_result_does_not_reflect(world):
+    plain = filter_candidates(CFG, **build(world))
+    reviewed = filter_candidates(CFG, **build(world), reviews={"syn-good-200": "reject", "syn-bad-offclass": "accept"})
+    later = {"syn-good-200": "reject", "syn-bad-offclass": "accept", "syn-bad-leak": "accept"}
+    # written after the plain filter ran: both overrides are pending; an accept of a leak never counts
+    assert sorted(reviews_pending(plain.rows, later)) == ["syn-bad-offclass", "syn-good-200"]
+    assert reviews_pending(reviewed.rows, later) == []  # already applied
+    assert reviews_pending(plain.rows, {"syn-bad-offclass": "reject"}) == []  # the filter rejected it anyway
+    # a review withdrawn after it was applied: the filter's own decision must come back
+    assert sorted(reviews_pending(reviewed.rows, None)) == ["syn-bad-offclass", "syn-good-200"]
 
 
 def test_percentile_thresholds_come_from_the_real_data(world):

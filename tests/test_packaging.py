@@ -144,6 +144,8 @@ def test_a_built_wheel_carries_the_yaml_and_its_installed_copy_resolves_them(tmp
     assert set(_shipped_yaml()) <= names
     assert {f"{pkg.replace('.', '/')}/__init__.py" for pkg in _source_packages()} <= names
     assert not any(n.startswith(("configs/", "data/", "generators/")) for n in names)  # nothing top-level
+    page = {f"vision_si/review_page/{p.name}" for p in (REPO_ROOT / "vision_si" / "review_page").iterdir()}
+    assert page and page <= names  # the files `vsi review` serves
 
     target, cwd = tmp_path / "installed", tmp_path / "elsewhere"
     cwd.mkdir()

@@ -225,6 +225,18 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
     typer.echo(str(write_report(run_dir)))
 
 
+@app.command()
+def review(run_dir: Path = typer.Argument(..., help="Run directory."),
+           host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback lets others on the "
+                                                      "network mark images."),
+           port: int = typer.Option(0, help="Port to listen on; 0 picks a free one.")) -> None:
+    """Serve a page to review a run's synthetic images and veto them (writes reviews.csv); prints its address."""
+    _require_run_dir(run_dir)
+    from vision_si.review import serve_review
+
+    serve_review(run_dir, host=host, port=port, echo=lambda msg: typer.echo(msg))
+
+
 def _interrupted() -> None:
     loop = sys.modules.get("vision_si.loop")  # imported only once a run has started
     run_dir = getattr(loop, "current_run_dir", None) if loop else None

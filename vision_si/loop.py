@@ -45,7 +45,7 @@ from vision_si.data import (
 from vision_si.data.images import load_image_files, run_channels
 from vision_si.diagnose import Diagnosis, diagnose
 from vision_si.errors import ConfigError, EvaluationInvariantError, InputError, RunDirError
-from vision_si.filter import FilterResult, filter_candidates, read_reviews
+from vision_si.filter import FilterResult, filter_candidates, read_reviews, reviews_pending
 from vision_si.gate import GateDecision, run_gate
 from vision_si.generators import GenerationRequest
 from vision_si.generators.presets import check_preset, resolve_preset
@@ -293,6 +293,7 @@ class Loop:
             cand_labels = np.asarray([row.class_index for row in rows], np.int64)
             cand_x = load_image_files([gen_dir / row.path for row in rows], cfg.data, channels=self.channels)
 
+            self.refilter_if_reviewed(tag)
             if not self._stage(f"{tag}/filter", partial(self.filter, data, pool, critic, models[0], cand_ids,
                                                         cand_labels, cand_x, rows)):
                 return rd
@@ -326,6 +327,19 @@ class Loop:
         write_report(rd)
         self.echo(f"[{time.time() - self.t0:7.1f}s] report written: {rd / 'report.html'}")
         return rd
+
+    def refilter_if_reviewed(self, tag: str) -> None:
+        """A review written after this round's filter and before its gate (`vsi review`) makes the filter
+        run again, so the veto counts; the complete folder is renamed to `.tmp`, which the stage discards."""
+        done = self.run_dir / tag / "filter"
+        if not done.is_dir() or is_complete(self.run_dir, f"{tag}/gate"):
+            return
+        pending = reviews_pending(FilterResult.load(done).rows, read_reviews(self.run_dir / "reviews.csv"))
+        if pending:
+            self.echo(f"{tag}: {len(pending)} review(s) in reviews.csv are newer than the filter; filtering again")
+            self.events.write("stage_redo", stage=f"{tag}/filter", reason="reviews.csv", ids=pending)
+            shutil.rmtree(done.with_name("filter.tmp"), ignore_errors=True)
+            os.replace(done, done.with_name("filter.tmp"))
 
     # ------------------------------------------------------------------ stage bodies
     def diagnose(self, data: RealData, pool: Pool, model: TrainedClassifier, out: Path) -> None:

@@ -238,8 +238,11 @@ class MlflowTracker:
         tag = f"round-{r:02d}"
         rd = self.run_dir / tag
         for stage in ("generate", "filter", "gate"):
-            item = f"{tag}/{stage}"
-            if self._done(item) or not is_complete(self.run_dir, item):
+            if not is_complete(self.run_dir, f"{tag}/{stage}"):
+                continue
+            # a stage folder redone (the filter after a late review) has another mtime and is logged again
+            item = f"{tag}/{stage}@{(rd / stage).stat().st_mtime_ns}"
+            if self._done(item):
                 continue
             run_id = self._round_run(r)
             if stage == "generate":

@@ -57,7 +57,7 @@ human rejects is rejected with reason `human_review`; a `leak` is never overridd
 
 Modules: `base` (inputs, `CandidateFilter`, the registry), `quality` (fidelity, informativeness,
 realism), `near_copy` (memorisation, leakage, duplicate), `decide` (`filter_candidates`,
-`score_with_models`), `result` (`FilterResult`), `reviews` (`read_reviews`). Importing this package
+`score_with_models`), `result` (`FilterResult`), `reviews` (`read_reviews`, `reviews_pending`). Importing this package
 registers every filter; all public names are imported from here.
 """
 
@@ -79,11 +79,11 @@ from vision_si.filter.base import (
 from vision_si.filter.decide import QUANTILES, filter_candidates, score_with_models
 from vision_si.filter.near_copy import DuplicateFilter, LeakageFilter, MemorisationFilter
 from vision_si.filter.result import FilterResult
-from vision_si.filter.reviews import read_reviews
+from vision_si.filter.reviews import read_reviews, reviews_pending
 
 __all__ = [
     "PRIORITY", "REASONS", "HUMAN_REJECT", "QUANTILES", "BASELINE_SAMPLES",
     "Candidates", "RealReference", "FILTERS", "register_filter", "create_filter", "CandidateFilter",
     "FidelityFilter", "InformativenessFilter", "RealismFilter", "MemorisationFilter", "LeakageFilter",
-    "DuplicateFilter", "FilterResult", "read_reviews", "filter_candidates", "score_with_models",
+    "DuplicateFilter", "FilterResult", "read_reviews", "reviews_pending", "filter_candidates", "score_with_models",
 ]

@@ -2,6 +2,8 @@
 
 A rejected candidate a human accepts is accepted (its reason kept, `overridden` true), an accepted
 one a human rejects is rejected with reason `human_review`; a `leak` is never overridden.
+`reviews_pending` finds reviews a finished filter stage does not reflect yet (written afterwards, for
+example on `vsi review`'s page): the loop then filters that round again, as long as its gate has not run.
 """
 
 from __future__ import annotations
@@ -31,6 +33,24 @@ def read_reviews(path: str | Path) -> dict[str, str] | None:
             raise DataError(f"{path}: line {n} needs an id and a verdict of 'accept' or 'reject', got {row}")
         out[row["id"].strip()] = verdict
     return out
+
+
+def reviews_pending(rows: list[dict[str, Any]], reviews: Mapping[str, str] | None) -> list[str]:
+    """Ids among a filter result's `rows` whose decision does not reflect `reviews`: a reject of an accepted
+    candidate, an accept of a rejected one (never a leak), or an override whose review was withdrawn."""
+    reviews = reviews or {}
+    pending = []
+    for r in rows:
+        verdict = reviews.get(r["id"])
+        if verdict is None:
+            stale = bool(r.get("overridden"))
+        elif verdict == "reject":
+            stale = r["decision"] == "accepted"
+        else:
+            stale = r["decision"] == "rejected" and r["reason"] != REASONS["leakage"]
+        if stale:
+            pending.append(r["id"])
+    return pending
 
 
 def _apply_reviews(rows: list[dict[str, Any]], reviews: Mapping[str, str]) -> tuple[list[str], list[str]]:
