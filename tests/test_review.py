@@ -86,6 +86,7 @@ def test_mark_two_images_in_chromium_then_resume_excludes_them(filtered_run, tmp
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (dev extra) is not installed")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
     run = copy_run(filtered_run, tmp_path)
@@ -100,7 +101,9 @@ def test_mark_two_images_in_chromium_then_resume_excludes_them(filtered_run, tmp
     try:
         with serving(run) as server:
             driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
-            wait = WebDriverWait(driver, 30)
+            # the page re-renders a card after each mark, so an element found a moment ago may be
+            # replaced before it is read: the wait retries a stale read, and reads go by script at once
+            wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
             wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == "true")
             cards = driver.find_elements(By.CSS_SELECTOR, ".card")
             assert len(cards) == len(FilterResult.load(run / "round-01/filter").rows)
@@ -113,21 +116,26 @@ def test_mark_two_images_in_chromium_then_resume_excludes_them(filtered_run, tmp
             def card(candidate_id):
                 return driver.find_element(By.CSS_SELECTOR, f'.card[data-id="{candidate_id}"]')
 
+            def review_of(candidate_id):
+                return driver.execute_script(
+                    "const c = document.querySelector(`.card[data-id=\"${arguments[0]}\"]`);"
+                    " return c ? c.getAttribute('data-review') : null;", candidate_id)
+
             def saved(d):
                 return "saved reviews.csv" in d.find_element(By.ID, "status").text
 
             card(first).find_element(By.CSS_SELECTOR, "button.reject").click()  # a single image
             wait.until(saved)
-            wait.until(lambda d: card(first).get_attribute("data-review") == "reject")
+            wait.until(lambda d: review_of(first) == "reject")
             driver.find_element(By.ID, "status").text  # noqa: B018 - settle before the next action
             card(second).find_element(By.CSS_SELECTOR, "input.select").click()  # and one by selection
             toolbar = driver.find_element(By.ID, "reject-selected")
             assert toolbar.text == "Reject selected (1)" and toolbar.is_enabled()
             toolbar.click()
-            wait.until(lambda d: card(second).get_attribute("data-review") == "reject")
+            wait.until(lambda d: review_of(second) == "reject")
             assert "2 rejected in all" in driver.find_element(By.ID, "status").text
             assert {r["id"]: r["verdict"] for r in read_reviews_csv(run)} == {first: "reject", second: "reject"}
-            assert card(accepted[1]).get_attribute("data-review") == "none"
+            assert review_of(accepted[1]) == "none"
     finally:
         driver.quit()
 
