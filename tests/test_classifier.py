@@ -68,7 +68,7 @@ def test_loss_falls_and_the_model_learns_a_toy_problem(tmp_path):
 def test_same_seed_gives_bitwise_identical_weights_and_another_seed_differs(tmp_path):
     x, y = _toy(60, seed=0)
     sx, sy = _toy(30, seed=5)  # stand-in synthetic images, mixed in with the bounded share
-    cfg = _cfg(steps=16, ema=True, model_kwargs={**TINY, "drop_rate": 0.2}, balanced_sampling=True)
+    cfg = _cfg(steps=16, ema=True, model_kwargs={**TINY, "drop_rate": 0.2}, sampling="balanced")
 
     def run(seed: int, name: str) -> pathlib.Path:
         train_classifier(cfg, x, y, classes=CLASSES, seed=seed, out_dir=tmp_path / name, extra_images=sx,
@@ -257,3 +257,99 @@ def test_preprocessing_comes_from_timm_and_bad_input_is_named(tmp_path):
     with pytest.raises(DataError, match="extra images"):
         train_classifier(_cfg(), x, y, classes=CLASSES, seed=0, out_dir=tmp_path / "c", extra_images=x[:, :, :8],
                          extra_labels=y, progress=False)
+
+
+# --------------------------------------------------------------------------- the recipe's pieces
+
+
+def test_budget_in_epochs_counts_real_images_only(tmp_path):
+    from vision_si.classifier.training import train_steps, warmup_steps
+
+    cfg = _cfg(epochs=2.0, batch_size=16, warmup_steps=None)
+    assert train_steps(cfg, 100) == 13 and train_steps(_cfg(steps=24), 100) == 24
+    assert warmup_steps(cfg, 100) == 5 and warmup_steps(_cfg(warmup_steps=3), 100) == 3
+    x, y = _toy(40, seed=0)
+    sx, sy = _toy(200, seed=1)  # many synthetic images: the budget stays that of the 40 real ones
+    clf = train_classifier(cfg, x, y, classes=CLASSES, seed=0, out_dir=tmp_path, extra_images=sx, extra_labels=sy,
+                           progress=False)
+    assert clf.meta["steps"] == train_steps(cfg, 40) == 5
+    assert len(json.loads((tmp_path / "history.json").read_text())["train"]) == 5
+
+
+def test_logit_adjustment_raises_the_scarce_class_on_raw_logits(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = _toy(150, seed=0)
+    keep = np.r_[np.flatnonzero(y != 2), rng.choice(np.flatnonzero(y == 2), 6, replace=False)]  # class 2 scarce
+    x, y = x[keep], y[keep]
+    # ambiguous test images: half 'dark', half 'striped' features blended
+    a, _ = _toy(60, seed=3)
+    base = dict(sampling="natural", steps=40, label_smoothing=0.0)
+    plain = train_classifier(_cfg(**base), x, y, classes=CLASSES, seed=0, out_dir=tmp_path / "ce", progress=False)
+    adjusted = train_classifier(_cfg(**base, loss="logit_adjusted"), x, y, classes=CLASSES, seed=0,
+                                out_dir=tmp_path / "la", progress=False)
+    assert adjusted.meta["loss"] == "logit_adjusted"
+    prior = np.asarray(adjusted.meta["draw_prior"])
+    assert prior[2] < 0.1 and prior.sum() == pytest.approx(1.0)
+    p_plain, p_adj = predict(plain, a).probs[:, 2].mean(), predict(adjusted, a).probs[:, 2].mean()
+    assert p_adj > p_plain  # raw logits of the adjusted model give the scarce class its balanced share
+
+
+def test_batchnorm_is_recalibrated_on_clean_training_images(tmp_path):
+    x, y = _toy(64, seed=0)
+    aug = build_augmentation("strong", channels=1, seed=0)
+    on = train_classifier(_cfg(steps=12), x, y, classes=CLASSES, seed=0, out_dir=tmp_path / "on", augment=aug,
+                          progress=False)
+    off = train_classifier(_cfg(steps=12, bn_recalibrate=False), x, y, classes=CLASSES, seed=0,
+                           out_dir=tmp_path / "off", augment=aug, progress=False)
+    a, b = _weights(tmp_path / "on"), _weights(tmp_path / "off")
+    bn = [k for k in a if k.endswith("running_mean")]
+    conv = [k for k in a if k.endswith("conv1.weight") or k.endswith("conv.weight")]
+    assert bn and all(torch.equal(a[k], b[k]) for k in conv)  # same weights...
+    assert not all(torch.equal(a[k], b[k]) for k in bn)  # ...other statistics
+    # the recalibrated statistics are the exact mean of the first BN layer's inputs over the training images
+    first = bn[0].rsplit(".", 1)[0]
+    module = dict(on.model.named_modules())[first]
+    captured = []
+    hook = module.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
+    on.model.train()
+    mean, std = inference_mod._norm_tensors(on.meta, on.device)
+    with torch.no_grad():
+        on.model((torch.from_numpy(x) - mean) / std)
+    hook.remove()
+    np.testing.assert_allclose(module.running_mean.numpy(), captured[0].mean(dim=(0, 2, 3)).numpy(), atol=1e-5)
+    assert on.meta["bn_recalibrated"] and not off.meta["bn_recalibrated"]
+
+
+def test_flip_tta_makes_predictions_invariant_to_flips(tmp_path):
+    x, y = _toy(48, seed=0)
+    clf = train_classifier(_cfg(steps=8, tta=True), x, y, classes=CLASSES, seed=0, out_dir=tmp_path / "tta",
+                           progress=False)
+    plain = train_classifier(_cfg(steps=8), x, y, classes=CLASSES, seed=0, out_dir=tmp_path / "plain",
+                             progress=False)
+    v, _ = _toy(10, seed=4)
+    flipped = np.ascontiguousarray(v[..., ::-1])
+    p, q = predict(clf, v), predict(clf, flipped)
+    np.testing.assert_allclose(p.probs, q.probs, atol=1e-5)
+    np.testing.assert_allclose(p.embeddings, q.embeddings, atol=1e-5)
+    assert not np.allclose(predict(plain, v).probs, predict(plain, flipped).probs, atol=1e-5)
+
+
+def test_warm_start_begins_from_the_given_weights_and_is_checked(tmp_path):
+    x, y = _toy(48, seed=0)
+    start = train_classifier(_cfg(steps=10), x, y, classes=CLASSES, seed=0, out_dir=tmp_path / "start",
+                             progress=False)
+    seen = {}
+
+    def first_step(step, record):
+        if step == 1:
+            seen["lr"] = record["lr"]
+
+    warm = train_classifier(_cfg(steps=1, warmup_steps=0, lr=1e-9, bn_recalibrate=False), x, y, classes=CLASSES,
+                            seed=5, out_dir=tmp_path / "warm", init_from=start, progress=False, callback=first_step)
+    a, b = _weights(tmp_path / "start"), _weights(tmp_path / "warm")
+    conv = [k for k in a if k.endswith("weight") and a[k].ndim == 4]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in conv)  # a tiny step from the start weights
+    assert warm.meta["init_from"]["sha256"] == start.checkpoint_sha256
+    with pytest.raises(DataError, match="init_from"):
+        train_classifier(_cfg(steps=1), x, y, classes=["p", "q", "r"], seed=0, out_dir=tmp_path / "bad",
+                         init_from=start, progress=False)

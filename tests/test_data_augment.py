@@ -52,7 +52,7 @@ def test_same_seed_same_images_different_seed_different():
 
 def test_none_and_bad_arguments():
     assert build_augmentation("none", 1, 0) is None
-    assert set(PRESETS) == {"none", "light", "standard", "strong"}
+    assert set(PRESETS) == {"none", "flips", "light", "standard", "strong"}
     with pytest.raises(ValueError, match="heavy"):
         build_augmentation("heavy", 1, 0)
     with pytest.raises(ValueError, match="channels"):

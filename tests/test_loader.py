@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vision_si.data.augment import build_augmentation
-from vision_si.data.loader import make_train_loader, sampling_weights
+from vision_si.data.loader import make_train_loader, real_class_weights, synthetic_rates
 from vision_si.errors import DataError
 
 
@@ -38,7 +38,7 @@ def test_yields_exactly_steps_batches_of_batch_size(steps):
 
 def test_balanced_sampling_draws_classes_equally():
     images, labels = _data([200, 20, 5])
-    loader = make_train_loader(images, labels, batch_size=64, steps=150, seed=1, balanced=True)
+    loader = make_train_loader(images, labels, batch_size=64, steps=150, seed=1, sampling="balanced")
     drawn, _, _ = _labels_and_flags(loader)
     share = np.bincount(drawn, minlength=3) / len(drawn)
     np.testing.assert_allclose(share, 1 / 3, atol=0.02)
@@ -47,14 +47,14 @@ def test_balanced_sampling_draws_classes_equally():
                                atol=0.02)
 
 
-@pytest.mark.parametrize("balanced", [False, True])
+@pytest.mark.parametrize("sampling", ["natural", "balanced"])
 @pytest.mark.parametrize("share", [0.25, 1.0])
-def test_synthetic_draws_per_class_stay_within_the_share_of_real_draws(balanced, share):
+def test_synthetic_draws_per_class_stay_within_the_share_of_real_draws(sampling, share):
     # class 0: 100 real and 1000 synthetic (must be capped); class 1: 10 real, 2 synthetic (below the cap);
     # class 2: no synthetic; class 3: synthetic only (no real draws, so no synthetic draws either)
     images, labels = _data([100, 10, 30])
     extra_images, extra_labels = _data([1000, 2, 0, 50], seed=1)
-    loader = make_train_loader(images, labels, batch_size=128, steps=200, seed=2, balanced=balanced,
+    loader = make_train_loader(images, labels, batch_size=128, steps=200, seed=2, sampling=sampling,
                                extra_images=extra_images, extra_labels=extra_labels, synthetic_share=share)
     drawn, synthetic, _ = _labels_and_flags(loader)
     real = np.bincount(drawn[~synthetic], minlength=4)
@@ -65,22 +65,58 @@ def test_synthetic_draws_per_class_stay_within_the_share_of_real_draws(balanced,
     assert syn[0] <= share * real[0] * 1.08
     # below the cap a synthetic image is drawn as often as a real one of its class: 2 per 10 real
     assert syn[1] / real[1] == pytest.approx(min(share, 0.2), rel=0.35)
-    if balanced:
-        per_class = (real + syn)[:3] / len(drawn)
-        np.testing.assert_allclose(per_class, 1 / 3, atol=0.02)
+    # the real draws are exactly batch_size per batch and keep their class weights: synthetic slots come on top
+    assert real.sum() == 128 * 200
+    if sampling == "balanced":
+        np.testing.assert_allclose(real[:3] / real.sum(), 1 / 3, atol=0.02)
 
 
-def test_sampling_weights_bound_holds_exactly_in_expectation():
+def test_synthetic_rate_bound_holds_exactly_in_expectation():
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 5, 400)
-    synthetic = rng.random(400) < 0.6
+    real_counts, syn_counts = rng.integers(0, 50, 5), rng.integers(0, 80, 5)
     for share in (0.0, 0.3, 1.0, 3.0):
-        for balanced in (False, True):
-            w = sampling_weights(labels, synthetic, balanced=balanced, synthetic_share=share)
-            for k in range(5):
-                real_mass = w[(labels == k) & ~synthetic].sum()
-                syn_mass = w[(labels == k) & synthetic].sum()
-                assert syn_mass <= share * real_mass + 1e-12
+        for sampling in ("natural", "balanced", "sqrt"):
+            real_share = real_class_weights(real_counts, sampling)
+            rates = synthetic_rates(real_counts, syn_counts, real_share, batch_size=32, synthetic_share=share)
+            real_draws = 32 * real_share
+            assert np.all(rates <= share * real_draws + 1e-12)  # at most `share` synthetic per real draw
+            with np.errstate(divide="ignore", invalid="ignore"):  # a synthetic image never out-draws a real one
+                per_syn = np.where(syn_counts > 0, rates / np.maximum(syn_counts, 1), 0)
+                per_real = np.where(real_counts > 0, real_draws / np.maximum(real_counts, 1), 0)
+            assert np.all(per_syn <= per_real + 1e-12)
+
+
+def test_both_sides_of_a_paired_comparison_draw_identical_real_batches():
+    """Adding a synthetic pool changes nothing about the real draws: same ids, same augmented pixels."""
+    images, labels = _data([40, 6, 3], size=16)
+    extra_images, extra_labels = _data([5, 30, 10], size=16, seed=3)
+    ids = [f"real-{i}" for i in range(len(labels))]
+    aug = build_augmentation("standard", channels=1, seed=0)
+
+    def real_part(**extra):
+        loader = make_train_loader(images, labels, batch_size=8, steps=300, seed=4, augment=aug, ids=ids,
+                                   sampling="balanced", synthetic_share=1.0, **extra)
+        out = []
+        for b in loader:
+            real = ~b["synthetic"]
+            out.append(([loader.dataset.ids[i] for i in b["index"][real].tolist()], b["image"][real].clone(),
+                        int(b["synthetic"].sum())))
+        return out
+
+    without = real_part()
+    with_pool = real_part(extra_images=extra_images, extra_labels=extra_labels,
+                          extra_ids=[f"syn-{i}" for i in range(len(extra_labels))])
+    assert len(without) == len(with_pool) == 300
+    for (ids_a, x_a, n_a), (ids_b, x_b, _) in zip(without, with_pool, strict=True):
+        assert ids_a == ids_b and len(ids_a) == 8
+        assert torch.equal(x_a, x_b)
+        assert n_a == 0
+    assert sum(n for *_, n in with_pool) > 0  # the pool did come in, in its own slots
+    # and the pool's slots follow the bound: expected synthetic draws per batch = sum of the class rates
+    counts = np.bincount(labels)
+    expected = synthetic_rates(counts, np.bincount(extra_labels), real_class_weights(counts, "balanced"),
+                               batch_size=8, synthetic_share=1.0).sum()
+    assert np.mean([n for *_, n in with_pool]) == pytest.approx(expected, rel=0.1)
 
 
 def test_same_seed_same_batches_and_resume_continues_the_same_sequence():

@@ -27,10 +27,18 @@ class Prediction:
     embeddings: np.ndarray  # N×D float32, pre-logit features (`forward_head(..., pre_logits=True)`)
 
 
+FLIPS = ((), (-1,), (-2,), (-2, -1))  # identity, horizontal, vertical, both
+
+
 @torch.inference_mode()
 def _forward(model: torch.nn.Module, images: np.ndarray, mean: torch.Tensor, std: torch.Tensor, batch_size: int,
-             progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and pre-logit embeddings of `images`, in batches, in eval mode."""
+             progress: bool = False, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and pre-logit embeddings of `images`, in batches, in eval mode.
+
+    With `tta`, each image is also seen flipped horizontally, vertically and both; the logits are
+    the mean log-probabilities over the four views and the embeddings their mean (only for data
+    whose label does not depend on orientation; the training recipe records whether it applies).
+    """
     was_training = model.training
     model.eval()
     device = mean.device
@@ -40,10 +48,16 @@ def _forward(model: torch.nn.Module, images: np.ndarray, mean: torch.Tensor, std
         x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)).to(device)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, enabled=cuda):
-            features = model.forward_features((x - mean) / std)
-            embeddings.append(model.forward_head(features, pre_logits=True).float().cpu().numpy())
-            logits.append(model.forward_head(features).float().cpu().numpy())
+        views_logp, views_emb = [], []
+        for dims in FLIPS if tta else ((),):
+            v = torch.flip(x, dims) if dims else x
+            with torch.autocast(device.type, enabled=cuda):
+                features = model.forward_features((v - mean) / std)
+                views_emb.append(model.forward_head(features, pre_logits=True).float())
+                out = model.forward_head(features).float()
+            views_logp.append(torch.log_softmax(out, dim=1) if tta else out)
+        embeddings.append(torch.stack(views_emb).mean(0).cpu().numpy())
+        logits.append(torch.stack(views_logp).mean(0).cpu().numpy())
     model.train(was_training)
     if not logits:
         return np.zeros((0, model.num_classes), np.float32), np.zeros((0, model.num_features), np.float32)
@@ -80,8 +94,9 @@ def predict(clf: TrainedClassifier, images: np.ndarray, *, batch_size: int = 256
     meta = clf.meta
     images, _ = _check_images("predict images", images, shape=(meta["in_chans"], meta["image_size"], meta["image_size"]))
     mean, std = _norm_tensors(meta, clf.device)
+    tta = bool(meta.get("tta", False))
     if cache_dir is None:
-        logits, emb = _forward(clf.model, images, mean, std, batch_size, progress)
+        logits, emb = _forward(clf.model, images, mean, std, batch_size, progress, tta)
     else:
         keys = list(keys) if keys is not None else image_keys(images)
         if len(keys) != len(images):
@@ -90,7 +105,7 @@ def predict(clf: TrainedClassifier, images: np.ndarray, *, batch_size: int = 256
         found = _read_cache(folder, set(keys))
         todo = [i for i, key in enumerate(keys) if key not in found]
         if todo:
-            new_logits, new_emb = _forward(clf.model, images[todo], mean, std, batch_size, progress)
+            new_logits, new_emb = _forward(clf.model, images[todo], mean, std, batch_size, progress, tta)
             new_keys = [keys[i] for i in todo]
             found.update({key: (new_logits[j], new_emb[j]) for j, key in enumerate(new_keys)})
             folder.mkdir(parents=True, exist_ok=True)

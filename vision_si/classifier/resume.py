@@ -28,7 +28,7 @@ from vision_si.rundir import atomic_write_bytes
 
 
 def _fingerprint(cfg: ClassifierConfig, seed: int, classes: Sequence[str], arrays: Sequence[Any],
-                 extra_ids: Sequence[str] | None, augment: Any) -> str:
+                 extra_ids: Sequence[str] | None, augment: Any, init: str | None = None) -> str:
     """What decides the trained weights; settings that do not (device, workers) are left out."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "num_workers", "predict_batch_size")}
     if augment is None:
@@ -41,7 +41,7 @@ def _fingerprint(cfg: ClassifierConfig, seed: int, classes: Sequence[str], array
         aug = f"{type(augment).__module__}.{getattr(augment, '__qualname__', type(augment).__qualname__)}"
     h = hashlib.sha256(json.dumps({"cfg": settings, "seed": seed, "classes": list(classes),
                                    "extra_ids": list(extra_ids) if extra_ids is not None else None,
-                                   "augment": aug}, sort_keys=True, default=str).encode())
+                                   "augment": aug, "init": init}, sort_keys=True, default=str).encode())
     for a in arrays:
         a = None if a is None else np.ascontiguousarray(a)
         h.update(b"none" if a is None else f"{a.shape}{a.dtype}".encode())

@@ -1,26 +1,31 @@
-"""Training batches: a Dataset over arrays and a sampler with a fixed step budget and bounded mixing.
+"""Training batches: real draws that do not depend on the synthetic images, plus synthetic slots.
 
-`make_train_loader` yields exactly `steps` batches, drawn with replacement by torch's
-`WeightedRandomSampler` from one pool of real plus extra (synthetic) samples.
+`make_train_loader` yields exactly `steps` batches. Each batch is two parts:
 
-Mixing policy (DESIGN.md "Mixing"). For class k with n_k real and m_k synthetic samples:
+1. **Real draws**: `batch_size` rows drawn with replacement from the real images alone, by class
+   weights (`sampling`: `natural` = as often as they occur, `balanced` = every class equally,
+   `sqrt` = in between). Their rows and augmentation seeds depend only on (seed, step) and on the
+   real images, never on the synthetic ones. Two trainings with the same seed and real data, one
+   with a synthetic pool and one without, therefore see the same real batches in the same order
+   with the same augmentation draws (common random numbers): the pool is the only difference, so
+   a paired comparison measures the pool and not a reshuffled batch stream.
+2. **Synthetic slots** (only when `extra_images` are given): extra draws appended after the real
+   ones, from their own random stream. Mixing bound (DESIGN.md "Mixing"): for class k with n_k
+   real and m_k synthetic images, the expected synthetic draws per batch are
+   `r_k × min(synthetic_share, m_k / n_k)`, where r_k is the class's expected real draws per batch.
+   So a synthetic image is never drawn more often than a real image of its class, and a class never
+   gets more than `synthetic_share` synthetic draws per real draw, however large the pool. A class
+   with no real images gets no synthetic draws. The number of slots in a batch is the integer part
+   of the expected total plus one with the probability of the fraction (so the bound holds in
+   expectation also for tiny pools).
 
-- every real sample has weight 1;
-- the synthetic samples of class k share a total weight of min(m_k, synthetic_share × n_k), so
-  each has weight min(1, synthetic_share × n_k / m_k). A few synthetic images are drawn as often as
-  a real one; many are capped, so that the expected synthetic draws of a class are at most
-  `synthetic_share` × its expected real draws, whatever the number of synthetic images;
-- a class with synthetic but no real samples gets no synthetic draws (its bound is 0);
-- `balanced=True` then rescales every class present in the real data to the same total mass, so
-  classes are drawn equally; the real/synthetic split inside a class is unchanged.
-
-Reproducibility without shared state: the draws come in chunks of `CHUNK_STEPS` batches, each chunk
-from its own `torch.Generator` seeded from (seed, chunk), and every draw gets its own augmentation
-seed from (seed, draw number). A batch therefore depends only on (seed, step): the same with any
-`num_workers`, and a resumed run (`start_step`) sees the very batches an uninterrupted one would.
+Reproducibility without shared state: draws come in chunks of `CHUNK_STEPS` batches, each chunk from
+its own `torch.Generator` seeded from (seed, chunk, stream), and every draw gets its own
+augmentation seed. A batch depends only on (seed, step): the same with any `num_workers`, and a
+resumed run (`start_step`) sees the very batches an uninterrupted one would.
 
 Batches are dicts: `image` (B×C×H×W float32), `label` (B int64), `index` (B int64, row in the
-dataset, real samples first, then extra), `synthetic` (B bool); `dataset.ids[index]` gives the
+dataset: real samples first, then extra), `synthetic` (B bool); `dataset.ids[index]` gives the
 provenance id of each sample.
 """
 
@@ -36,6 +41,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from vision_si.errors import DataError
 
 CHUNK_STEPS = 256  # batches drawn per generator; bounds memory for long budgets
+SAMPLING = ("natural", "balanced", "sqrt")
+_REAL, _SYNTHETIC = 0, 1  # the two random streams
 
 Augment = Callable[..., Any]
 
@@ -91,54 +98,82 @@ class ArrayDataset(Dataset):
                 "index": int(row), "synthetic": bool(self.is_synthetic[row])}
 
 
-def sampling_weights(labels: np.ndarray, is_synthetic: np.ndarray, *, balanced: bool,
-                     synthetic_share: float) -> np.ndarray:
-    """Per-sample draw weights implementing the mixing policy of the module doc."""
-    labels = np.asarray(labels, dtype=np.int64)
-    is_synthetic = np.asarray(is_synthetic, dtype=bool)
+def real_class_weights(counts: np.ndarray, sampling: str) -> np.ndarray:
+    """Share of the real draws that goes to each class (sums to 1 over classes with images)."""
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+    counts = np.asarray(counts, dtype=float)
+    present = counts > 0
+    mass = {"natural": counts, "balanced": present.astype(float), "sqrt": np.sqrt(counts)}[sampling]
+    return mass / mass.sum() if mass.sum() > 0 else mass
+
+
+def synthetic_rates(real_counts: np.ndarray, synthetic_counts: np.ndarray, real_share: np.ndarray, *,
+                    batch_size: int, synthetic_share: float) -> np.ndarray:
+    """Expected synthetic draws per batch for each class (module doc: the mixing bound)."""
     if synthetic_share < 0:
         raise ValueError(f"synthetic_share must be >= 0, got {synthetic_share}")
-    k = int(labels.max()) + 1 if len(labels) else 0
-    n_real = np.bincount(labels[~is_synthetic], minlength=k).astype(float)
-    n_syn = np.bincount(labels[is_synthetic], minlength=k).astype(float)
-    syn_mass = np.minimum(n_syn, synthetic_share * n_real)
+    n = np.asarray(real_counts, dtype=float)
+    m = np.asarray(synthetic_counts, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        per_syn = np.where(n_syn > 0, syn_mass / n_syn, 0.0)
-    weights = np.where(is_synthetic, per_syn[labels], 1.0)
-    if balanced:
-        class_mass = n_real + syn_mass
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scale = np.where(class_mass > 0, 1.0 / class_mass, 0.0)
-        weights = weights * scale[labels]
-    return weights
+        per_real = np.where(n > 0, np.minimum(synthetic_share, m / n), 0.0)
+    return batch_size * np.asarray(real_share, dtype=float) * per_real
+
+
+def _stream_generator(seed: int, chunk: int, stream: int) -> tuple[torch.Generator, np.random.SeedSequence]:
+    ss = np.random.SeedSequence([seed, chunk, stream])
+    return torch.Generator().manual_seed(int(ss.generate_state(1)[0])), ss
 
 
 class _StepBatchSampler(Sampler[list[tuple[int, int]]]):
     """`steps - start_step` batches of (row, augmentation seed) pairs; see the module doc."""
 
-    def __init__(self, weights: np.ndarray, *, batch_size: int, steps: int, seed: int, start_step: int = 0):
-        self.weights = torch.as_tensor(weights, dtype=torch.double)
+    def __init__(self, real_weights: np.ndarray, *, batch_size: int, steps: int, seed: int, start_step: int = 0,
+                 synthetic_weights: np.ndarray | None = None, synthetic_per_batch: float = 0.0,
+                 synthetic_offset: int = 0):
+        self.real_weights = torch.as_tensor(real_weights, dtype=torch.double)
+        self.synthetic_weights = (None if synthetic_weights is None or synthetic_per_batch <= 0
+                                  else torch.as_tensor(synthetic_weights, dtype=torch.double))
+        self.synthetic_per_batch, self.synthetic_offset = float(synthetic_per_batch), synthetic_offset
         self.batch_size, self.steps, self.seed, self.start_step = batch_size, steps, seed, start_step
 
     def __len__(self) -> int:
         return self.steps - self.start_step
 
-    def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
-        n_steps = min(CHUNK_STEPS, self.steps - c * CHUNK_STEPS)
+    def _real_chunk(self, c: int, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
         n = n_steps * self.batch_size
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, c]).generate_state(1)[0]))
-        rows = np.fromiter(WeightedRandomSampler(self.weights, n, replacement=True, generator=gen),
+        gen, ss = _stream_generator(self.seed, c, _REAL)
+        rows = np.fromiter(WeightedRandomSampler(self.real_weights, n, replacement=True, generator=gen),
                            dtype=np.int64, count=n)
-        aug_seeds = np.random.SeedSequence([self.seed, c, 1]).generate_state(n)
-        return rows.reshape(n_steps, self.batch_size), aug_seeds.reshape(n_steps, self.batch_size)
+        aug = ss.spawn(1)[0].generate_state(n)
+        return rows.reshape(n_steps, self.batch_size), aug.reshape(n_steps, self.batch_size)
+
+    def _synthetic_chunk(self, c: int, n_steps: int) -> list[list[tuple[int, int]]]:
+        if self.synthetic_weights is None:
+            return [[] for _ in range(n_steps)]
+        gen, ss = _stream_generator(self.seed, c, _SYNTHETIC)
+        whole, frac = divmod(self.synthetic_per_batch, 1.0)
+        extra = torch.rand(n_steps, generator=gen).numpy() < frac
+        counts = int(whole) + extra.astype(int)
+        total = int(counts.sum())
+        rows = (np.fromiter(WeightedRandomSampler(self.synthetic_weights, total, replacement=True, generator=gen),
+                            dtype=np.int64, count=total) if total else np.zeros(0, np.int64))
+        aug = ss.spawn(1)[0].generate_state(max(total, 1))[:total]
+        out, i = [], 0
+        for n in counts:
+            out.append(list(zip((rows[i:i + n] + self.synthetic_offset).tolist(), aug[i:i + n].tolist(), strict=True)))
+            i += n
+        return out
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.start_step
         while step < self.steps:
             c = step // CHUNK_STEPS
-            rows, seeds = self._chunk(c)
-            for i in range(step - c * CHUNK_STEPS, len(rows)):
-                yield list(zip(rows[i].tolist(), seeds[i].tolist(), strict=True))
+            n_steps = min(CHUNK_STEPS, self.steps - c * CHUNK_STEPS)
+            rows, seeds = self._real_chunk(c, n_steps)
+            synthetic = self._synthetic_chunk(c, n_steps)
+            for i in range(step - c * CHUNK_STEPS, n_steps):
+                yield list(zip(rows[i].tolist(), seeds[i].tolist(), strict=True)) + synthetic[i]
                 step += 1
 
 
@@ -150,14 +185,15 @@ def _check_images(name: str, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def make_train_loader(images: np.ndarray, labels: np.ndarray, *, batch_size: int, steps: int, seed: int,
-                      augment: Augment | None = None, balanced: bool = False,
+                      augment: Augment | None = None, sampling: str = "natural",
                       ids: Sequence[str] | None = None, extra_images: np.ndarray | None = None,
                       extra_labels: np.ndarray | None = None, extra_ids: Sequence[str] | None = None,
                       synthetic_share: float = 1.0, num_workers: int = 0, start_step: int = 0) -> DataLoader:
-    """A DataLoader yielding exactly `steps - start_step` batches of `batch_size` (module doc).
+    """A DataLoader yielding exactly `steps - start_step` batches (module doc).
 
-    `images` are the real training images, `extra_*` the synthetic ones (ids default to
-    `real:<i>` and `extra:<i>`). `start_step` skips the batches a resumed run has already used.
+    `images` are the real training images (`batch_size` real draws per batch), `extra_*` the
+    synthetic ones (their slots come on top; ids default to `real:<i>` and `extra:<i>`).
+    `start_step` skips the batches a resumed run has already used.
     """
     labels = np.asarray(labels, dtype=np.int64)
     _check_images("images", images, labels)
@@ -180,13 +216,25 @@ def make_train_loader(images: np.ndarray, labels: np.ndarray, *, batch_size: int
         all_images = np.concatenate([images, extra_images])
         all_labels = np.concatenate([labels, extra_labels])
     else:
-        all_images, all_labels = images, labels
+        all_images, all_labels, extra_labels = images, labels, np.zeros(0, np.int64)
     real_ids = list(ids) if ids is not None else [f"real:{i}" for i in range(len(labels))]
     syn_ids = list(extra_ids) if extra_ids is not None else [f"extra:{i}" for i in range(n_extra)]
     is_synthetic = np.r_[np.zeros(len(labels), bool), np.ones(n_extra, bool)]
     dataset = ArrayDataset(all_images, all_labels, real_ids + syn_ids, is_synthetic, augment)
-    weights = sampling_weights(all_labels, is_synthetic, balanced=balanced, synthetic_share=synthetic_share)
-    sampler = _StepBatchSampler(weights, batch_size=batch_size, steps=steps, seed=seed, start_step=start_step)
+
+    k = int(max(labels.max(), extra_labels.max() if n_extra else 0)) + 1
+    real_counts = np.bincount(labels, minlength=k)
+    share = real_class_weights(real_counts, sampling)
+    real_weights = (share / np.maximum(real_counts, 1))[labels]
+    syn_weights, per_batch = None, 0.0
+    if n_extra:
+        syn_counts = np.bincount(extra_labels, minlength=k)
+        rates = synthetic_rates(real_counts, syn_counts, share, batch_size=batch_size, synthetic_share=synthetic_share)
+        per_batch = float(rates.sum())
+        syn_weights = (rates / np.maximum(syn_counts, 1))[extra_labels]
+    sampler = _StepBatchSampler(real_weights, batch_size=batch_size, steps=steps, seed=seed, start_step=start_step,
+                                synthetic_weights=syn_weights, synthetic_per_batch=per_batch,
+                                synthetic_offset=len(labels))
     # own generator for the workers' base seed, so building the loader leaves the global RNG alone
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(seed))
