@@ -3,7 +3,9 @@
 `build_run_dir(root)` writes round-00 (train, diagnose), round-01 (accepted by the gate),
 round-02 (rejected by the gate, one human override), final/test.json, summary.json, events.jsonl.
 `rounds` and `final` cut it short to imitate a run that stopped early. Numbers are made up but
-consistent with each other (confusion matrices, per-class scores and supports agree).
+consistent with each other (confusion matrices, per-class scores and supports agree). The filter's
+files are written by `FilterResult.save` and the manifest and gate decision in their stages' formats,
+since the report reads them as typed results.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from vision_si.filter import FilterResult
 
 REASONS = ("off_class", "too_easy", "unrealistic", "memorised", "leak", "duplicate")
 
@@ -111,17 +115,17 @@ def _synthetic_round(rd: Path, r: int, classes: list[str], accepted: bool, n: in
     (gen / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
     header = ["id", "class", "fidelity", "informativeness", "realism_distance", "memorisation_cosine",
               "leak_cosine", "duplicate_cosine", "decision", "reason", "failed", "overridden"]
-    _csv(tag / "filter" / "scores.csv", header, scores)
     rejected = {k: sum(1 for s in scores if s[9] == k and s[8] == "rejected") for k in (*REASONS, "human_review")}
     n_acc = sum(1 for s in scores if s[8] == "accepted")
     quantiles = {"min": 0.05, "p05": 0.1, "p50": 0.3, "p95": 0.5, "max": 0.6}
-    _json(tag / "filter" / "filter.json", {
-        "accepted_ids": [s[0] for s in scores if s[8] == "accepted"], "counts": rejected,
-        "overridden_ids": [s[0] for s in scores if s[11]], "review_refused_ids": [],
-        "closest_real": {"candidates": {"cosine_distance": quantiles, "pixel_distance": quantiles},
-                         "real_train": {"cosine_distance": quantiles, "pixel_distance": quantiles,
-                                        "n_sampled": 75}},
-        "n_candidates": n})
+    FilterResult(  # as the filter stage writes it: scores.csv and filter.json
+        rows=[dict(zip(header, row, strict=True)) for row in scores],
+        accepted_ids=[s[0] for s in scores if s[8] == "accepted"], counts=rejected, thresholds={},
+        enabled=["leakage", "memorisation", "fidelity", "realism", "duplicate", "informativeness"],
+        leak_pixel_threshold=0.95, overridden_ids=[s[0] for s in scores if s[11]], review_refused_ids=[],
+        closest_real={"candidates": {"cosine_distance": quantiles, "pixel_distance": quantiles},
+                      "real_train": {"cosine_distance": quantiles, "pixel_distance": quantiles, "n_sampled": 75}},
+    ).save(tag / "filter")
     delta = 0.06 if accepted else -0.01
     gate = {"decision": "accepted" if accepted else "rejected", "metric": "macro_f1",
             "before": {"value": 0.61, "ci": [0.52, 0.70]}, "after": {"value": 0.61 + delta, "ci": [0.55, 0.75]},
@@ -130,15 +134,24 @@ def _synthetic_round(rd: Path, r: int, classes: list[str], accepted: bool, n: in
                      "support": 8, "allowed": 0.125} for k, c in enumerate(classes)}
     for v in per_class.values():
         v["delta"] = v["after"] - v["before"]
-    _json(tag / "gate" / "decision.json", {  # as GateDecision.save writes it
-        "decision": gate["decision"], "accepted": accepted,
-        "reason": "lower bound of delta above min_delta" if accepted
-        else "lower bound of delta -0.05 is not above min_delta 0.0",
-        "reason_code": "gain" if accepted else "no_confident_gain",
-        **{k: gate[k] for k in ("metric", "before", "after", "delta")}, "min_delta": 0.0, "tolerance": 0.05,
-        "tolerance_min_images": 1, "per_class": per_class, "regressions": [] if accepted else [classes[-1]],
-        "bootstrap": {"n_bootstrap": 1000, "confidence": 0.95, "seed": 0, "method": "paired"},
-        "seeds": [0], "n_val": 30, "gate_enabled": True, "would_accept": accepted})
+    from vision_si.gate import Estimate, GateDecision, Look
+
+    GateDecision(  # as run_gate writes it
+        accepted=accepted, reason="lower end of the improvement above min_delta" if accepted
+        else "lower end of the improvement -0.05 is not above min_delta 0",
+        reason_code="help" if accepted else "no_confident_gain", admit="superiority", metric="macro_f1",
+        before=Estimate(**gate["before"]), after=Estimate(**gate["after"]),
+        delta=Estimate(**gate["delta"], method="t-interval over 3 paired seeds"),
+        superiority=accepted, non_inferiority=True, harm=False, min_delta=0.0, margin=0.01,
+        checks={"macro_f1": {"delta": delta, "ci": [delta - 0.05, delta + 0.05], "margin": 0.03, "passed": True},
+                "recall": {"passed": accepted, "regressions": [] if accepted else [classes[-1]], "tolerance": 0.05,
+                           "tolerance_min_images": 1}},
+        per_class=per_class, regressions=[] if accepted else [classes[-1]],
+        looks=[Look(n_seeds=3, level=0.0001, delta=delta, lower=delta - 0.04, upper=delta + 0.04,
+                    outcome="accept" if accepted else "continue"),
+               *([] if accepted else [Look(6, 0.006, delta, delta - 0.04, delta + 0.04, "reject")])],
+        seeds=[0, 1, 2] if accepted else [0, 1, 2, 3, 4, 5], n_judge=30, n_select=30,
+    ).save(tag / "gate")
     if accepted:
         _diagnose(tag / "diagnose", classes, seed=r, plots=False)  # report draws its own
     return {"round": r, "generated": n, "accepted_by_filter": n_acc, "rejected_by_filter": rejected, "gate": gate}

@@ -30,7 +30,7 @@ import pytest
 import yaml
 from cli_helpers import run_vsi
 from PIL import Image
-from tiny_run import copy_run, make_run, merge, tiny_config
+from tiny_run import copy_run, forge_splits, make_run, merge, tiny_config
 
 SIZE = 12  # pixels of the images the corpus writes
 
@@ -167,7 +167,8 @@ IMAGE_CASES = {
     "text_named_png": ({"a/notes.png": b"these are my notes, not an image\n"}, ["notes.png", "not an image"]),
     "html_named_jpeg": ({"c/page.jpg": b"<!doctype html><html><body>404</body></html>"}, ["page.jpg"]),
     "png_bad_crc": ({"b/crc.png": bad_crc_png(9)}, ["crc.png"]),
-    "decompression_bomb_header": ({"a/bomb.png": bomb_png(100_000, 100_000)}, ["bomb.png", "decompression bomb"]),
+    "decompression_bomb_header": ({"a/bomb.png": bomb_png(100_000, 100_000)}, ["bomb.png", "decompression bomb",
+                                                                                   "limit of 64000000 pixels"]),
     "float_tiff_with_nan": ({"c/nan.tif": tiff_bytes(np.full((SIZE, SIZE), np.nan, np.float32))}, ["nan.tif", "NaN"]),
     "empty_class_folder": ({"d/readme.txt": b"no images here"}, ["'d'", "no images"]),
     "one_image_class": ({"d/only.png": png_bytes(11)}, ["class 'd'", "1 image"]),
@@ -464,20 +465,27 @@ def test_edited_run_config_is_refused(run_copy, capsys):
     (lambda t: t.replace("id,source", "ident,source", 1), ["splits.csv", "expected columns"]),
     (lambda t: "\n".join(t.splitlines()[:-3]) + "\n", ["splits.csv", "dataset changed"]),
 ])
-def test_tampered_splits_file_is_refused(edit, needles, run_copy, capsys):
-    path = run_copy / "splits.csv"
-    path.write_text(edit(path.read_text()))
+def test_forged_splits_file_is_refused(edit, needles, run_copy, capsys):
+    forge_splits(run_copy, edit((run_copy / "splits.csv").read_text()))
     assert_refused(vsi(capsys, "resume", run_copy, "--quiet"), *needles)
 
 
-def test_changed_image_bytes_since_the_split_are_refused(run_copy, capsys):
-    path = run_copy / "splits.csv"
-    lines = path.read_text().splitlines()
+def test_forged_image_digest_in_the_splits_is_refused(run_copy, capsys):
+    lines = (run_copy / "splits.csv").read_text().splitlines()
     fields = lines[1].split(",")
     fields[2] = "f" * 64  # the recorded sha256 of the first image no longer matches the data
     lines[1] = ",".join(fields)
-    path.write_text("\n".join(lines) + "\n")
+    forge_splits(run_copy, "\n".join(lines) + "\n")
     assert_refused(vsi(capsys, "resume", run_copy, "--quiet"), "splits.csv", fields[0], "sha256 changed")
+
+
+def test_changed_image_bytes_since_the_split_are_refused(tmp_path, capsys):
+    cfg = folder_case(tmp_path, {})
+    assert vsi(capsys, "train", cfg, "--quiet").code == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    write(tmp_path / "data" / "b" / "002.png", png_bytes(4242))  # an image of the data set edited in place
+    assert_refused(vsi(capsys, "resume", run, "--quiet"), "splits.csv", "b/002.png", "sha256 changed")
+    assert not (run / "round-00/diagnose").exists()
 
 
 def test_corrupt_manifest_row_is_refused(run_copy, capsys):

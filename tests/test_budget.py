@@ -97,6 +97,10 @@ def test_missing_exemplars_fall_back_to_class_mode_and_zero_total_is_empty():
     budget, notes = allocate_budget(cfg, classes=CLASSES, class_errors=np.array([5, 0, 0, 0, 0]),
                                     class_val=np.array([50] * 5), class_train=np.array([0, 9, 9, 9, 9]),
                                     slices=[], class_exemplars={}, mode="exemplar", strength=0.5)
-    assert budget[0].mode == "class" and budget[0].to_request().mode == "class"
+    assert budget[0].mode == "class"
+    from vision_si.config import LoopConfig
+    from vision_si.stages import generation_requests
+
+    assert generation_requests(budget, LoopConfig(), rejected=0)[0].mode == "class"  # the allocation's own mode
     assert any("class-conditional" in n for n in notes)
     assert allocate(DiagnoseConfig(budget_total=0), [5, 0, 0, 0, 0], [50] * 5, [9] * 5) == ([], [])

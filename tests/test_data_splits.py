@@ -119,3 +119,17 @@ def test_splits_csv_is_byte_identical_and_reads_back(tmp_path):
     (tmp_path / "bad.csv").write_text("id,split\nx,train\n")
     with pytest.raises(DataError, match="bad.csv.*columns"):
         read_splits_csv(tmp_path / "bad.csv")
+
+
+def test_judge_split_keeps_select_and_judge_apart_per_class():
+    from vision_si.data import judge_split
+
+    labels = np.repeat(np.arange(4), [100, 21, 2, 1])
+    select, judge = judge_split(labels, 0.5, seed=3)
+    assert len(np.intersect1d(select, judge)) == 0 and len(select) + len(judge) == len(labels)
+    counts = np.bincount(labels[judge], minlength=4)
+    assert counts[0] == 50 and counts[1] in (10, 11) and counts[2] == 1  # a pair splits one and one
+    assert np.array_equal(judge_split(labels, 0.5, seed=3)[1], judge)  # deterministic for a seed
+    assert not np.array_equal(judge_split(labels, 0.5, seed=4)[1], judge)
+    with pytest.raises(ValueError, match="judge_fraction"):
+        judge_split(labels, 1.0, seed=0)

@@ -193,7 +193,7 @@ def test_pipeline_checks_inputs_up_front():
 def test_fit_checks_training_data():
     with pytest.raises(DataError, match=r"must lie in \[0, 1\]"):
         tiny().fit(np.full((4, 1, 16, 16), 2.0, np.float32), np.zeros(4), CLASSES, seed=0, progress=False)
-    with pytest.raises(DataError, match="3 labels for 4"):
+    with pytest.raises(DataError, match="4 images need as many integer labels, got shape \\(3,\\)"):
         tiny().fit(np.zeros((4, 1, 16, 16), np.float32), np.zeros(3), CLASSES, seed=0, progress=False)
     with pytest.raises(RuntimeError, match="not fitted"):
         tiny().generate_batch([0], [0], mode="class")

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from vision_si.config import DiagnoseConfig
+from vision_si.data.arrays import LabelledImages
 from vision_si.diagnose import Diagnosis, diagnose
 from vision_si.errors import DataError
 from vision_si.metrics import bootstrap_confusions, confusion_metric_samples, wilson_interval
-from vision_si.plots import write_diagnosis_plots
+from vision_si.report_plots import write_diagnosis_plots
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -45,12 +46,15 @@ def synthetic(seed: int, *, planted: bool, n_per: int = 400, d: int = 64, frac: 
     return {"x": x, "y": y, "group": group, "val": is_val, "probs": probs, "ids": ids}
 
 
+def split(data, rows) -> LabelledImages:
+    return LabelledImages.of_labels(data["y"][rows], data["ids"][rows])
+
+
 def run(data, cfg=None, seed=0, **kw):
     v, t = data["val"], ~data["val"]
-    return diagnose(cfg or DiagnoseConfig(n_bootstrap=200), classes=CLASSES, val_labels=data["y"][v],
-                    val_probs=data["probs"][v], val_embeddings=data["x"][v], val_ids=data["ids"][v],
-                    train_labels=data["y"][t], train_embeddings=data["x"][t], train_ids=data["ids"][t],
-                    seed=seed, **kw)
+    return diagnose(cfg or DiagnoseConfig(n_bootstrap=200), classes=CLASSES, val=split(data, v),
+                    val_probs=data["probs"][v], val_embeddings=data["x"][v], train=split(data, t),
+                    train_embeddings=data["x"][t], seed=seed, **kw)
 
 
 def test_wilson_interval_covers_the_truth_at_about_the_nominal_rate():
@@ -142,12 +146,16 @@ def test_no_weak_slice_when_errors_are_uniform():
 
 
 def test_budget_is_exact_and_carries_generation_fields():
+    from vision_si.config import LoopConfig
+    from vision_si.stages import generation_requests
+
     diag = run(synthetic(0, planted=True), DiagnoseConfig(n_bootstrap=200, budget_total=97, budget_floor=5))
     assert sum(a.count for a in diag.budget) == 97
     assert all(5 <= a.count <= int(0.6 * 97) for a in diag.budget)
-    req = diag.budget[0].to_request()
-    assert (req.class_index, req.slice_id, req.count, req.exemplar_ids) == (
-        diag.budget[0].class_index, diag.budget[0].slice_id, diag.budget[0].count, diag.budget[0].exemplar_ids)
+    req = generation_requests(diag.budget, LoopConfig(), rejected=0)[0]
+    a = diag.budget[0]
+    assert (req.class_index, req.slice_id, req.count, req.exemplar_ids, req.mode, req.strength) == (
+        a.class_index, a.slice_id, a.count, a.exemplar_ids, a.mode, a.strength)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -182,7 +190,7 @@ def test_importing_and_plotting_leave_the_matplotlib_backend_and_pyplot_alone(tm
 import matplotlib
 matplotlib.use("svg")
 import matplotlib.pyplot as plt
-import vision_si.plots as plots
+import vision_si.report_plots as plots
 from types import SimpleNamespace
 from pathlib import Path
 diag = SimpleNamespace(confusion=[[3, 1], [0, 2]], classes=["a", "b"])
@@ -199,8 +207,7 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(DataError, match="val_probs"):
         run({**data, "probs": np.log(data["probs"])})
     with pytest.raises(DataError, match="val_probs: expected shape"):
-        diagnose(DiagnoseConfig(), classes=CLASSES, val_labels=data["y"][v], val_probs=data["probs"][v][:, :3],
-                 val_embeddings=data["x"][v], val_ids=data["ids"][v], train_labels=data["y"][~v],
-                 train_embeddings=data["x"][~v], train_ids=data["ids"][~v], seed=0)
+        diagnose(DiagnoseConfig(), classes=CLASSES, val=split(data, v), val_probs=data["probs"][v][:, :3],
+                 val_embeddings=data["x"][v], train=split(data, ~v), train_embeddings=data["x"][~v], seed=0)
     with pytest.raises(DataError, match="unique"):
         run({**data, "ids": np.array(["same"] * data["y"].size)})

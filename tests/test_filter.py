@@ -15,11 +15,13 @@ from sklearn.datasets import load_digits
 from sklearn.exceptions import NotFittedError
 
 from vision_si.config import ClassifierConfig, FilterConfig, config_from_dict
+from vision_si.data.arrays import LabelledImages
 from vision_si.errors import ConfigError, DataError, InputError
 from vision_si.filter import (
     FILTERS,
     PRIORITY,
     FilterResult,
+    ModelOutputs,
     RealReference,
     create_filter,
     filter_candidates,
@@ -93,13 +95,16 @@ def build(world, extra_pool: bool = False):
     if extra_pool:
         pool_x, pool_e = x[fresh[30]][None], typical(y[fresh[30]])[None]
         add("syn-bad-poolcopy", int(y[fresh[30]]), x[fresh[30]].copy(), pool_e[0].copy())
+    ev, tr = w["ev"], w["tr"]
     kwargs = dict(
-        candidate_ids=c["ids"], candidate_labels=np.array(c["labels"]), candidate_images=np.stack(c["images"]),
-        candidate_critic_probs=np.stack(c["critic"]), candidate_critic_emb=np.stack(c["emb"]).astype(np.float32),
-        candidate_current_probs=np.stack(c["current"]), real_train_images=x[w["tr"]], real_train_labels=y[w["tr"]],
-        real_train_emb=emb[w["tr"]], eval_images=x[w["ev"]], eval_emb=emb[w["ev"]],
-        eval_sha256=[f"sha-eval-{i}" for i in range(len(w["ev"]))], candidate_sha256=c["sha"],
-        pool_images=pool_x, pool_emb=pool_e, seed=0)
+        candidates=LabelledImages(np.stack(c["images"]), np.array(c["labels"]), c["ids"], c["sha"]),
+        real_train=LabelledImages(x[tr], y[tr], [f"train-{i}" for i in tr], [f"sha-train-{i}" for i in tr]),
+        evaluation=LabelledImages(x[ev], y[ev], [f"eval-{i}" for i in ev], [f"sha-eval-{i}" for i in range(len(ev))]),
+        outputs=ModelOutputs(candidate_probs=np.stack(c["critic"]),
+                             candidate_emb=np.stack(c["emb"]).astype(np.float32),
+                             current_probs=np.stack(c["current"]), train_emb=emb[tr], eval_emb=emb[ev], pool_emb=pool_e),
+        pool=LabelledImages(pool_x, y[[fresh[30]]], ["syn-pool-0"], ["sha-pool-0"]) if pool_x is not None else None,
+        seed=0)
     return kwargs
 
 
@@ -195,7 +200,8 @@ def test_percentile_thresholds_come_from_the_real_data(world):
     cfg = dataclasses.replace(CFG, fidelity_percentile=10.0, memorisation_percentile=99.0, realism_percentile=90.0)
     with pytest.raises(InputError, match="fidelity_percentile"):
         filter_candidates(cfg, **kwargs)
-    res = filter_candidates(cfg, **kwargs, real_val_critic_probs=val_p, real_val_labels=val_y)
+    kwargs["outputs"] = dataclasses.replace(kwargs["outputs"], val_probs=val_p)  # evaluation's rows are val here
+    res = filter_candidates(cfg, **kwargs)
     expected = np.percentile(val_p[np.arange(len(val_y)), val_y], 10)
     assert res.thresholds["fidelity"]["threshold_"] == pytest.approx(expected)
     fid = res.column("fidelity")
@@ -216,9 +222,9 @@ def test_percentile_thresholds_come_from_the_real_data(world):
     assert res.thresholds["memorisation"]["pixel_threshold_"] == pytest.approx(
         np.percentile(sims.max(1), 99), abs=1e-5)
     # leakage with a percentile: the same real-to-real yardstick, and a copy of a test image still leaks
-    leak = filter_candidates(dataclasses.replace(cfg, leak_percentile=99.0), **kwargs, real_val_critic_probs=val_p,
-                             real_val_labels=val_y)
+    leak = filter_candidates(dataclasses.replace(cfg, leak_percentile=99.0), **kwargs)
     assert leak.thresholds["leakage"]["pixel_threshold_"] == pytest.approx(np.percentile(sims.max(1), 99), abs=1e-5)
+    assert leak.leak_pixel_threshold == leak.thresholds["leakage"]["pixel_threshold_"]  # the typed field
     assert next(r for r in leak.rows if r["id"] == "syn-bad-leak")["reason"] == "leak"
 
 
@@ -263,17 +269,22 @@ def test_filters_follow_the_sklearn_shape(world):
 
 def test_bad_inputs_are_named(world):
     kwargs = build(world)
-    with pytest.raises(DataError, match="candidate_labels"):
-        filter_candidates(CFG, **{**kwargs, "candidate_labels": kwargs["candidate_labels"][:-1]})
+    cands, outputs = kwargs["candidates"], kwargs["outputs"]
+    with pytest.raises(DataError, match="labels"):
+        LabelledImages(cands.images, cands.labels[:-1], cands.ids, cands.sha256)
+    with pytest.raises(DataError, match="outputs.candidate_probs"):
+        filter_candidates(CFG, **{**kwargs, "outputs": dataclasses.replace(outputs,
+                                                                           candidate_probs=outputs.candidate_probs[1:])})
     with pytest.raises(DataError, match="unique"):
-        filter_candidates(CFG, **{**kwargs, "candidate_ids": ["same"] * len(kwargs["candidate_ids"])})
-    with pytest.raises(DataError, match="real_train_emb"):
-        filter_candidates(CFG, **{**kwargs, "real_train_emb": kwargs["real_train_emb"][:, :5]})
-    empty = filter_candidates(CFG, **{**kwargs, "candidate_ids": [], "candidate_labels": np.zeros(0, int),
-                                      "candidate_images": np.zeros((0, 1, 8, 8), np.float32),
-                                      "candidate_critic_probs": np.zeros((0, K)),
-                                      "candidate_critic_emb": np.zeros((0, DIM)),
-                                      "candidate_current_probs": np.zeros((0, K)), "candidate_sha256": []})
+        filter_candidates(CFG, **{**kwargs, "candidates": dataclasses.replace(cands, ids=["same"] * len(cands))})
+    with pytest.raises(DataError, match="outputs.train_emb"):
+        filter_candidates(CFG, **{**kwargs, "outputs": dataclasses.replace(outputs, train_emb=outputs.train_emb[:, :5])})
+    with pytest.raises(DataError, match="pool"):
+        filter_candidates(CFG, **{**kwargs, "outputs": dataclasses.replace(outputs, pool_emb=outputs.eval_emb[:1])})
+    empty = filter_candidates(CFG, **{**kwargs, "candidates": cands.subset([]),
+                                      "outputs": dataclasses.replace(outputs, candidate_probs=np.zeros((0, K)),
+                                                                     candidate_emb=np.zeros((0, DIM)),
+                                                                     current_probs=np.zeros((0, K)))})
     assert empty.accepted_ids == [] and sum(empty.counts.values()) == 0
 
 
@@ -293,9 +304,8 @@ def test_pixel_similarity_is_the_correlation_of_pooled_images():
     assert np.allclose(best, full.max(1), atol=1e-6) and (where == full.argmax(1)).all()
 
 
-def test_score_with_models_feeds_filter_candidates(world, tmp_path):
-    from vision_si.classifier import train_classifier
-    from vision_si.filter import score_with_models
+def test_a_real_classifiers_outputs_feed_filter_candidates(world, tmp_path):
+    from vision_si.classifier import predict, train_classifier
 
     w = world
     x, y = w["x"], w["y"]
@@ -303,13 +313,13 @@ def test_score_with_models_feeds_filter_candidates(world, tmp_path):
                                             batch_size=16, warmup_steps=2, device="cpu", eval_every=1000),
                            x[w["tr"]], y[w["tr"]], classes=["0", "1", "2"], seed=0, out_dir=tmp_path / "critic",
                            progress=False)
-    cand = np.stack([x[w["ev"][4]], x[w["fresh"][40]]])
-    out = score_with_models(clf, clf, candidate_images=cand, real_train_images=x[w["tr"]],
-                            eval_images=x[w["ev"]], real_val_images=x[w["ev"]])
-    assert out["candidate_critic_probs"].shape == (2, K) and out["real_train_emb"].shape[0] == len(w["tr"])
-    assert out["eval_emb"].shape[1] == out["candidate_critic_emb"].shape[1] and "pool_emb" not in out
-    res = filter_candidates(CFG, candidate_ids=["leak", "fresh"], candidate_labels=y[[w["ev"][4], w["fresh"][40]]],
-                            candidate_images=cand, real_train_images=x[w["tr"]], real_train_labels=y[w["tr"]],
-                            eval_images=x[w["ev"]], real_val_labels=y[w["ev"]], **out)
+    rows = [w["ev"][4], w["fresh"][40]]
+    cands = LabelledImages(x[rows], y[rows], ["leak", "fresh"], ["sha-a", "sha-b"])
+    on_cands, on_eval = predict(clf, cands.images), predict(clf, x[w["ev"]])
+    outputs = ModelOutputs(candidate_probs=on_cands.probs, candidate_emb=on_cands.embeddings,
+                           current_probs=on_cands.probs, train_emb=predict(clf, x[w["tr"]]).embeddings,
+                           eval_emb=on_eval.embeddings, val_probs=on_eval.probs)
+    res = filter_candidates(CFG, candidates=cands, real_train=build(world)["real_train"],
+                            evaluation=build(world)["evaluation"], outputs=outputs)
     assert res.rows[0]["reason"] == "leak" and res.rows[0]["leak_cosine"] == pytest.approx(1.0, abs=1e-4)
     assert res.rows[1]["reason"] != "leak"

@@ -10,22 +10,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_run import tiny_config as tiny_dict
 
 from vision_si.config import config_from_dict
 from vision_si.errors import EvaluationInvariantError
 
-TINY = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").read_text())
 
-
-def tiny_config(tmp_path: Path, **over):
-    data = json.loads(json.dumps(TINY))
-    data["output_dir"] = str(tmp_path / "runs")
-    data["data"]["cache_dir"] = str(tmp_path / "cache")
-    data["generate"]["cache_dir"] = str(tmp_path / "cache" / "generators")
-    for key, value in over.items():
-        section, name = key.split("__")
-        data[section][name] = value
-    return config_from_dict(data)
+def tiny_config(tmp_path: Path, **changes):
+    """configs/tiny.yaml as it is (two rounds), with runs and caches under `tmp_path`."""
+    return config_from_dict(tiny_dict(tmp_path, fast=False, **changes))
 
 
 def metrics_of(run_dir: Path) -> dict:
@@ -47,7 +40,7 @@ def finished_run(tmp_path_factory):
     from vision_si.config import save_config
 
     tmp = tmp_path_factory.mktemp("loop")
-    cfg = tiny_config(tmp)
+    cfg = tiny_config(tmp, loop={"max_rounds": 1})  # one round keeps the kill tests' runs short
     save_config(cfg, tmp / "tiny.yaml")
     start = time.time()
     out = vsi("run", str(tmp / "tiny.yaml"), "--quiet")
@@ -94,15 +87,14 @@ def test_invariant_trips_when_a_synthetic_image_is_put_into_val(finished_run):
     from vision_si.loop import Loop
 
     _tmp, _cfg, run_dir, _s = finished_run
-    loop = Loop(load_config(run_dir / "config.yaml"), run_dir, progress=False, echo=lambda _m: None)
-    data = loop.load_data()
-    val_id = data.ids("val")[0]
+    st = Loop(load_config(run_dir / "config.yaml"), run_dir, progress=False, echo=lambda _m: None).prepare()
+    val_id = st.data.ids("val")[0]
     with pytest.raises(EvaluationInvariantError, match="synthetic"):
-        loop.check_invariants(data, ["syn-r01-000000", val_id])
-    val_sha = data.sha256("test")[0]
+        st.guard.no_synthetic_in_eval(["syn-r01-000000", val_id])
+    val_sha = st.data.sha256("test")[0]
     with pytest.raises(EvaluationInvariantError):
-        loop.check_invariants(data, ["syn-r01-000001"], [val_sha])
-    assert loop.check_invariants(data, ["syn-r01-000002"], ["0" * 64]) == 0
+        st.guard.no_synthetic_in_eval(["syn-r01-000001"], [val_sha])
+    assert st.guard.no_synthetic_in_eval(["syn-r01-000002"], ["0" * 64]) == 0
 
 
 def _kill_when(run_dir_parent: Path, pattern: str, proc: subprocess.Popen, timeout: float = 240,
@@ -190,3 +182,70 @@ def test_threads_setting_limits_torch_during_the_run_and_restores_it(tmp_path, m
     loop.run_loop(cfg, tmp_path / "other", progress=False, echo=lambda m: None)
     torch.set_num_threads(original)
     assert seen["torch"] == before, "null leaves torch's own setting alone"
+
+
+def test_three_rounds_accept_reject_adapt_and_stop_on_patience(tmp_path, monkeypatch):
+    """Round 1 accepted (its images join the pool and a new model and diagnosis replace the old), round 2
+    rejected, round 3 the adapted retry (half the images, strength × 0.7) rejected: patience 2 stops the run
+    before `max_rounds` 4. The gate's statistics run for real; only its verdict is forced, per round. The
+    report and summary.json then read the same typed round results."""
+    from tiny_run import tiny_config as tiny
+
+    import vision_si.gate as gate
+    from vision_si.filter import FilterResult
+    from vision_si.generators.runner import read_manifest
+    from vision_si.loop import run_loop
+    from vision_si.report import write_report
+    from vision_si.summary import read_rounds
+
+    verdicts = iter([True, False, False])
+    real_decide = gate.decide
+
+    def forced(*args, **kwargs):
+        d = real_decide(*args, **kwargs)
+        d.accepted = next(verdicts)
+        d.reason = f"forced {'accept' if d.accepted else 'reject'} by the test (the gate said: {d.reason})"
+        return d
+
+    monkeypatch.setattr(gate, "decide", forced)
+    # every candidate but a leak passes the filter, so each round has images for the gate and the pool
+    cfg = config_from_dict(tiny(tmp_path, name="rounds", loop={"max_rounds": 4, "patience": 2},
+                                filter={"enabled": []}, diagnose={"budget_total": 12}))
+    lines: list[str] = []
+    rd = run_loop(cfg, progress=False, echo=lines.append)
+
+    summary = json.loads((rd / "summary.json").read_text())
+    assert [r["gate"]["decision"] for r in summary["rounds"]] == ["accepted", "rejected", "rejected"]
+    assert "stopping: 2 rejected round(s) in a row (patience 2)" in lines and not (rd / "round-04").exists()
+    # round 1 joined the pool: the later gates trained with it, and its model and diagnosis took over
+    accepted = FilterResult.load(rd / "round-01/filter").accepted_ids
+    assert accepted
+    for r in (2, 3):
+        training = json.loads((rd / f"round-{r:02d}/gate/decision.json").read_text())["training"]
+        assert training["n_pool"] == len(accepted)
+    assert (rd / "round-01/diagnose").is_dir() and not (rd / "round-02/diagnose").exists()
+    assert json.loads((rd / "final/test.json").read_text())["final"]["model"].endswith("round-01/gate/candidate-0")
+    # round 3 is round 2's request adapted: each allocation's count × 0.5 (rounded), strength × 0.7
+    def per_slice(r):
+        rows = read_manifest(rd / f"round-{r:02d}/generate/manifest.jsonl")
+        out = {}
+        for row in rows:
+            n, strengths = out.get((row.class_index, row.slice), (0, set()))
+            out[(row.class_index, row.slice)] = (n + 1, strengths | {row.strength})
+        return out
+
+    second, third = per_slice(2), per_slice(3)
+    assert {k: round(n * 0.5) for k, (n, _) in second.items() if round(n * 0.5)} == {k: n for k, (n, _) in third.items()}
+    for k, (_, strengths) in third.items():
+        (before,), (after,) = second[k][1], strengths
+        assert before is None or after == pytest.approx(before * 0.7)
+    # one typed reader for both: summary.json's rounds are the records', and the report shows them even
+    # when summary.json is edited afterwards
+    records = read_rounds(rd)
+    assert [rec.summary() for rec in records] == summary["rounds"]
+    edited = dict(summary, rounds=[dict(r, generated=999) for r in summary["rounds"]])
+    (rd / "summary.json").write_text(json.dumps(edited))
+    text = write_report(rd).read_text()
+    for rec in records:
+        assert f"<td>{rec.round:02d}</td><td>{len(rec.manifest)}</td><td>{len(rec.filter.accepted_ids)}</td>" in text
+    assert "<td>999</td>" not in text

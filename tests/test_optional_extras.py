@@ -1,5 +1,5 @@
 """The extras stay optional: the core modules, the CLI and a run on non-DICOM data without tracking
-import none of pydicom (`dicom`), mlflow (`tracking`) or selenium (`dev`)."""
+import none of pydicom (`dicom`), mlflow (`tracking`), lightly (`pretrain`) or selenium (`dev`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 
 SCRIPT = textwrap.dedent("""
     import sys
-    import vision_si.cli, vision_si.loop, vision_si.review, vision_si.tracking, vision_si.data
+    import vision_si.cli, vision_si.loop, vision_si.review, vision_si.tracking, vision_si.data, vision_si.pretrain
     from vision_si.config import config_from_dict
     from vision_si.data import load_images, load_source
     from vision_si.data.decode import decode_image
@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     load_images(table, [0, 1], cfg.data)
     with track_run(cfg, None) as hook:  # tracking off: no hook, nothing imported
         assert hook is None
-    print(sorted(m for m in ("pydicom", "mlflow", "selenium") if m in sys.modules))
+    print(sorted(m for m in ("pydicom", "mlflow", "selenium", "lightly") if m in sys.modules))
 """)
 
 

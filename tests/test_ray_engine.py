@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from vision_si.config import GenerateConfig
+from vision_si.data.arrays import LabelledImages
 from vision_si.errors import ConfigError
 from vision_si.generators import GenerationRequest
-from vision_si.generators.ray_engine import ray_session
+from vision_si.generators.ray_engine import engine_generate_fn, ray_session
 from vision_si.generators.runner import read_manifest, run_generation
 
 CLASSES = ["good", "bad"]
@@ -43,10 +44,20 @@ def _data():
     return images, labels, ids, requests
 
 
+def _train(images, labels, ids) -> LabelledImages:
+    return LabelledImages(images, labels, ids, [f"sha-{i}" for i in ids])
+
+
 def _run(cfg, out_dir, **kw):
     images, labels, ids, requests = _data()
-    return run_generation(cfg, requests, train_images=images, train_labels=labels, train_ids=ids, classes=CLASSES,
-                          out_dir=out_dir, seed=7, id_prefix="syn-r01", progress=False, **kw)
+    return run_generation(cfg, requests, train=_train(images, labels, ids), classes=CLASSES, out_dir=out_dir, seed=7,
+                          id_prefix="syn-r01", progress=False, generate_fn=engine_generate_fn(cfg), **kw)
+
+
+def _run_with(cfg, requests, out_dir):
+    images, labels, ids, _ = _data()
+    return run_generation(cfg, requests, train=_train(images, labels, ids), classes=CLASSES, out_dir=out_dir, seed=7,
+                          progress=False, generate_fn=engine_generate_fn(cfg))
 
 
 def _files(out_dir):
@@ -62,7 +73,7 @@ def test_ray_engine_matches_local_engine_and_resumes(ray_local, tmp_path):
     local_cfg = GenerateConfig(preset="tiny", batch_size=2, cache_dir=str(tmp_path / "cache"))
     local = _run(local_cfg, tmp_path / "local")
     ray_cfg = dataclasses.replace(local_cfg, engine="ray")
-    remote = _run(ray_cfg, tmp_path / "ray")  # through the runner's engine switch
+    remote = _run(ray_cfg, tmp_path / "ray")  # through the engine switch the loop and plan jobs use
     assert ray_local.cluster_resources()["CPU"] == 2
     assert {n["NodeManagerAddress"] for n in ray_local.nodes()} == {"127.0.0.1"}
     assert remote.cache_hit and remote.n_generated == 9 and remote.generator_sha256 == local.generator_sha256
@@ -93,23 +104,29 @@ def test_ray_engine_runs_stable_diffusion_like_the_local_engine(ray_local, tmp_p
     preset = tmp_path / "tiny-sd-img2img.yaml"
     preset.write_text(yaml.safe_dump({"backend": "sd-img2img", "model": str(model), "resolution": 16, "device": "cpu",
                                       "sample": {"sampler": "ddim", "steps": 2, "guidance_scale": 2.0}}))
-    images, labels, ids, _ = _data()
     requests = [GenerationRequest(class_index=1, class_name="bad", slice_id="s1", count=5,
                                   exemplar_ids=["real:01", "real:03"], mode="exemplar", strength=0.5)]
     cfg = GenerateConfig(preset=str(preset), batch_size=2, cache_dir="")
     for engine in ("local", "ray"):
-        run_generation(dataclasses.replace(cfg, engine=engine), requests, train_images=images, train_labels=labels,
-                       train_ids=ids, classes=CLASSES, out_dir=tmp_path / engine, seed=7, progress=False)
+        _run_with(dataclasses.replace(cfg, engine=engine), requests, tmp_path / engine)
     assert len(_files(tmp_path / "ray")) == 5
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
     assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")
     class_mode = [dataclasses.replace(requests[0], mode="class", exemplar_ids=[])]
     with pytest.raises(ConfigError, match=r"makes exemplar-mode images, not \['class'\]"):
-        run_generation(dataclasses.replace(cfg, engine="ray"), class_mode, train_images=images, train_labels=labels,
-                       train_ids=ids, classes=CLASSES, out_dir=tmp_path / "class", seed=7, progress=False)
+        _run_with(dataclasses.replace(cfg, engine="ray"), class_mode, tmp_path / "class")
 
 
 def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[ray\]'"), ray_session(None):
         pass
+
+
+def test_the_runner_needs_the_engine_it_is_told_to_use(tmp_path):
+    images, labels, ids, requests = _data()
+    cfg = GenerateConfig(preset="tiny", engine="ray", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="engine_generate_fn"):
+        run_generation(cfg, requests, train=_train(images, labels, ids), classes=CLASSES, out_dir=tmp_path / "o",
+                       seed=7, progress=False)
+    assert engine_generate_fn(dataclasses.replace(cfg, engine="local")) is None

@@ -66,9 +66,11 @@ def test_full_report_has_every_section_with_its_content(full_report):
     assert 'class="cm"' in text  # confusion matrices on test, as tables
     assert 'pill ok">accepted' in text and 'pill bad">rejected' in text
     assert "macro_f1 delta" in text and "0.060 [0.020, 0.100]" in text
-    assert "1000 paired bootstrap resamples" in text and "recall before" in text
-    # the per-class rule: support 8, so one val image (0.125) is the allowed drop, not the 0.05 tolerance
-    assert "allowed Δ" in text and "-0.125" in text and "or 1 val image(s) of the class, whichever is larger" in text
+    assert "t-interval over 3 paired seeds" in text and "recall before" in text  # the interval names its method
+    assert "Admit by superiority" in text and "Judged on 30 val images (calibrated on the other 30)" in text
+    assert "looks: 3 seeds: continue, 6 seeds: reject" in text  # the sequential looks of the rejected round
+    # the per-class rule: support 8, so one judging image (0.125) is the allowed drop, not the 0.05 tolerance
+    assert "allowed Δ" in text and "-0.125" in text and "or 1 judging image(s) of the class" in text
     assert "1 weak of 2 clusters" in text and "c2-s0 (weak)" in text
     for group in ("accepted", "rejected: off_class", "rejected: too_easy", "human review overrides"):
         assert f"<h4>{group} " in text

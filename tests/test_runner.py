@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 
 from vision_si.config import GenerateConfig
+from vision_si.data.arrays import LabelledImages
 from vision_si.errors import ConfigError, DataError
 from vision_si.generators import GenerationRequest
+from vision_si.generators.plan import generate_from_plan, load_plan
 from vision_si.generators.runner import (
     fit_generator,
-    generate_from_plan,
     generate_jobs,
-    load_plan,
     read_manifest,
     regenerate,
     run_generation,
@@ -48,12 +48,15 @@ def requests() -> list[GenerationRequest]:
             GenerationRequest(1, "bright", "bright/s1", 4, exemplar_ids=["real:001", "real:003"], strength=0.6)]
 
 
-def run(data, cache, out, **kw):
+def train_set(data) -> LabelledImages:
     images, labels, ids = data
+    return LabelledImages(images, labels, ids, [f"sha-{i}" for i in ids])
+
+
+def run(data, cache, out, **kw):
     cfg = GenerateConfig(preset="tiny", cache_dir=str(cache), batch_size=kw.pop("batch_size", 3))
-    return run_generation(cfg, kw.pop("reqs", None) or requests(), train_images=images, train_labels=labels,
-                          train_ids=ids, classes=CLASSES, out_dir=out, seed=7, id_prefix="syn-r01", progress=False,
-                          **kw)
+    return run_generation(cfg, kw.pop("reqs", None) or requests(), train=train_set(data), classes=CLASSES,
+                          out_dir=out, seed=7, id_prefix="syn-r01", progress=False, **kw)
 
 
 def test_run_writes_images_and_one_manifest_row_each(data, cache, tmp_path):
@@ -77,8 +80,8 @@ def test_run_writes_images_and_one_manifest_row_each(data, cache, tmp_path):
 def test_manifest_rows_regenerate_their_images(data, cache, tmp_path):
     res = run(data, cache, tmp_path)
     images, labels, ids = data
-    gen, _ = fit_generator(GenerateConfig(preset="tiny", cache_dir=str(cache)), train_images=images,
-                           train_labels=labels, classes=CLASSES, seed=7, progress=False)
+    gen, _ = fit_generator(GenerateConfig(preset="tiny", cache_dir=str(cache)), train_set(data), CLASSES, seed=7,
+                           progress=False)
     assert gen.cache_hit_
     exemplars = {i: images[ids.index(i)] for i in ("real:001", "real:003")}
     rows = read_manifest(res.manifest_path)
@@ -149,13 +152,12 @@ def test_a_generate_fn_computes_only_the_pending_chunks_and_is_closed_when_the_j
 
 
 def test_runs_with_other_seeds_but_one_train_seed_share_one_trained_generator(data, tmp_path):
-    images, labels, ids = data
     cache = tmp_path / "cache"
 
     def go(seed: int, train_seed: int | None, out: str):
         cfg = GenerateConfig(preset="tiny", cache_dir=str(cache), batch_size=4, train_seed=train_seed)
-        return run_generation(cfg, requests(), train_images=images, train_labels=labels, train_ids=ids,
-                              classes=CLASSES, out_dir=tmp_path / out, seed=seed, progress=False)
+        return run_generation(cfg, requests(), train=train_set(data), classes=CLASSES, out_dir=tmp_path / out,
+                              seed=seed, progress=False)
 
     first, second = go(0, 5, "a"), go(1, 5, "b")
     assert not first.cache_hit and second.cache_hit
@@ -229,10 +231,10 @@ def test_plan_errors_name_the_request_and_key(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("elpv_dataset") is None, reason="elpv extra not installed")
 def test_the_documented_elpv_plan_names_real_classes_and_training_ids(tmp_path):
-    import vision_si.generators.runner as runner
+    import vision_si.generators.plan as plan_module
     from vision_si.data import load_source, make_splits
 
-    example = re.search(r"```yaml\n(.*?)```", runner.__doc__, re.S).group(1)
+    example = re.search(r"```yaml\n(.*?)```", plan_module.__doc__, re.S).group(1)
     (tmp_path / "plan.yaml").write_text(example)
     plan = load_plan(tmp_path / "plan.yaml")
     table = load_source(plan.config.data, plan.config.seed, progress=False)
@@ -246,3 +248,54 @@ def test_the_documented_elpv_plan_names_real_classes_and_training_ids(tmp_path):
         assert req.exemplar_ids and set(req.exemplar_ids) <= train_ids
         # an exemplar is an image of the class it asks for
         assert {table.labels[table.ids.index(i)] for i in req.exemplar_ids} == {table.classes.index(req.class_name)}
+
+
+def test_a_plan_job_trains_its_generator_on_the_runs_train_split_only(tmp_path, monkeypatch):
+    """With `data.split.seed` set, a plan job (naming the run, or giving the run's seed and data) trains its
+    generator on exactly the run's train ids, as `splits.csv` lists them; the split the run seed alone makes
+    (what the plan job used to make) holds other images, val and test ones among them."""
+    import yaml
+    from tiny_run import make_run
+
+    import vision_si.generators.runner as runner
+    from vision_si.data import load_source, make_splits
+    from vision_si.data.splits import read_splits_csv
+
+    run = make_run(tmp_path, until="train", name="plansplit", data={"split": {"seed": 7}})
+    run_train = [r["id"] for r in read_splits_csv(run / "splits.csv") if r["split"] == "train"]
+    seen: list[list[str]] = []
+    real_fit = runner.fit_generator
+
+    def spy(cfg, train, classes, **kwargs):
+        seen.append(list(train.ids))
+        return real_fit(cfg, train, classes, **kwargs)
+
+    monkeypatch.setattr(runner, "fit_generator", spy)
+    run_cfg = yaml.safe_load((run / "config.yaml").read_text())
+    generate = {"preset": "tiny", "batch_size": 4, "cache_dir": str(tmp_path / "gen-cache")}
+    request = [{"class": "3", "count": 2, "mode": "class"}]
+    plans = {"names_the_run": {"run": str(run), "generate": generate, "requests": request},
+             "seed_and_data": {"seed": run_cfg["seed"], "data": run_cfg["data"], "generate": generate,
+                               "requests": request}}
+    for name, content in plans.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(content))
+        res = generate_from_plan(tmp_path / f"{name}.yaml", tmp_path / name, progress=False)
+        assert len(res.rows) == 2
+    assert seen == [run_train, run_train]
+    cfg = load_plan(tmp_path / "seed_and_data.yaml").config
+    table = load_source(cfg.data, cfg.seed, progress=False)
+    by_run_seed = make_splits(table, cfg.data.split, cfg.seed)
+    assert {i for i, s in zip(table.ids, by_run_seed, strict=True) if s == "train"} != set(run_train)
+
+
+def test_a_plan_naming_a_run_refuses_its_own_seed_or_data(tmp_path):
+    from tiny_run import make_run
+
+    run = make_run(tmp_path, until="train", name="planclash")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"run: {run}\nseed: 5\nrequests: [{{class: 1, count: 1, mode: class}}]\n")
+    with pytest.raises(ConfigError, match="seed"):
+        load_plan(plan)
+    plan.write_text(f"run: {tmp_path}\nrequests: [{{class: 1, count: 1, mode: class}}]\n")
+    with pytest.raises(ConfigError, match="not a run directory"):
+        load_plan(plan)

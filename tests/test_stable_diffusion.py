@@ -244,6 +244,7 @@ def test_run_generation_writes_rows_that_regenerate_their_images(models, tmp_pat
     import yaml
 
     from vision_si.config import GenerateConfig
+    from vision_si.data.arrays import LabelledImages
     from vision_si.generators import GenerationRequest
     from vision_si.generators.runner import regenerate, run_generation
 
@@ -256,7 +257,7 @@ def test_run_generation_writes_rows_that_regenerate_their_images(models, tmp_pat
     request = GenerationRequest(class_index=1, class_name=CLASSES[1], slice_id="s1", count=3, exemplar_ids=["b", "c"],
                                 mode="exemplar", strength=0.5)
     result = run_generation(GenerateConfig(preset=str(preset), batch_size=2, cache_dir=str(tmp_path / "cache")),
-                            [request], train_images=train, train_labels=np.array([0, 1, 1]), train_ids=ids,
+                            [request], train=LabelledImages(train, np.array([0, 1, 1]), ids, ["", "", ""]),
                             classes=CLASSES, out_dir=tmp_path / "out", seed=3, progress=False)
     assert [r.backend for r in result.rows] == ["sd-img2img"] * 3
     assert [r.exemplar_ids for r in result.rows] == [["b"], ["c"], ["b"]]

@@ -5,8 +5,9 @@
 - No module of `vision_si` can unpickle: an AST scan for pickle/dill/joblib loads, `torch.load`
   without `weights_only=True`, `np.load(allow_pickle=True)`, `yaml.load` without a safe loader,
   `trust_remote_code=True`, `eval`/`exec`.
-- Synthetic images never reach `val`/`test`: tampering with `splits.csv` (a synthetic id, or a
-  synthetic PNG's sha256) stops `vsi resume` with exit code 3; a near-copy of a val image in the
+- Synthetic images never reach `val`/`test`: a `splits.csv` forged with its digest re-recorded (a
+  synthetic id, or a synthetic PNG's sha256) stops `vsi resume` with exit code 3 (an edit without the
+  digest is refused before that: tests/test_tampering.py); a near-copy of a val image in the
   synthetic pool stops the run; `test` is evaluated once, after every decision.
 """
 
@@ -23,7 +24,7 @@ import pytest
 import torch
 import yaml
 from cli_helpers import vsi
-from tiny_run import copy_run, make_run, tiny_config
+from tiny_run import copy_run, forge_splits, make_run, tiny_config
 
 from vision_si.errors import EvaluationInvariantError
 
@@ -218,8 +219,8 @@ def test_no_module_can_unpickle_or_run_remote_code():
 
 def test_synthetic_id_added_to_splits_as_val_stops_resume(run_copy, capsys):
     row = manifest_rows(run_copy)[0]
-    with open(run_copy / "splits.csv", "a", encoding="utf-8") as fh:
-        fh.write(f"{row['id']},generated,{row['sha256']},{row['class_name']},,val\n")
+    text = (run_copy / "splits.csv").read_text()
+    forge_splits(run_copy, text + f"{row['id']},generated,{row['sha256']},{row['class_name']},,val\n")
     code, err = vsi(capsys, "resume", run_copy, "--quiet")
     assert code == 3, err
     assert err.startswith("stopped: ") and "splits.csv" in err and row["id"] in err and "split val" in err
@@ -234,7 +235,7 @@ def test_synthetic_sha256_copied_into_a_test_row_stops_resume(run_copy, capsys):
     fields = lines[k].split(",")
     fields[2] = row["sha256"]  # the real id stays, its recorded content is now the synthetic PNG
     lines[k] = ",".join(fields)
-    path.write_text("\n".join(lines) + "\n")
+    forge_splits(run_copy, "\n".join(lines) + "\n")
     code, err = vsi(capsys, "resume", run_copy, "--quiet")
     assert code == 3 and fields[0] in err and "synthetic" in err, err
 
@@ -243,16 +244,15 @@ def test_near_copy_of_a_val_image_in_the_pool_stops_the_run(run_copy):
     from vision_si.config import load_config
     from vision_si.loop import Loop
 
-    loop = Loop(load_config(run_copy / "config.yaml"), run_copy, progress=False, echo=lambda _m: None)
-    data = loop.load_data()
-    val = data.pixels("val")
+    st = Loop(load_config(run_copy / "config.yaml"), run_copy, progress=False, echo=lambda _m: None).prepare()
+    val = st.data.pixels("val")
     rng = np.random.default_rng(0)
     near = np.clip(val[3:4] + rng.normal(0, 0.01, val[3:4].shape), 0, 1).astype(np.float32)
     unrelated = rng.random((2, *val.shape[1:]), dtype=np.float32)
-    loop.check_near_copies(data, unrelated, ["syn-x-0", "syn-x-1"], [0.95, 0.95])  # nothing like val/test: passes
-    with pytest.raises(EvaluationInvariantError, match=f"syn-x-2.*{data.ids('val')[3]}"):
-        loop.check_near_copies(data, np.concatenate([unrelated, near]), ["syn-x-0", "syn-x-1", "syn-x-2"],
-                               [0.95, 0.95, 0.95])
+    st.guard.no_near_copies(unrelated, ["syn-x-0", "syn-x-1"], [0.95, 0.95])  # nothing like val/test: passes
+    with pytest.raises(EvaluationInvariantError, match=f"syn-x-2.*{st.data.ids('val')[3]}"):
+        st.guard.no_near_copies(np.concatenate([unrelated, near]), ["syn-x-0", "syn-x-1", "syn-x-2"],
+                                [0.95, 0.95, 0.95])
     events = [json.loads(line) for line in (run_copy / "events.jsonl").read_text().splitlines()]
     assert events[-1] == {**events[-1], "event": "test_pixels_read", "purpose": "invariant check"}
 

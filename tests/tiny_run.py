@@ -1,7 +1,10 @@
-"""The smallest real run (digits at 16 px, resnet10t, the `tiny` generator preset) for tests that need a run directory.
+"""The tiny run for tests: `configs/tiny.yaml` (digits at 16 px, resnet10t, the `tiny` generator preset),
+one definition for the smoke test, the loop tests, the fault benchmark and the fixtures.
 
-Module-scoped fixtures build one with `make_run` and hand each test its own `copy_run`, so a test
-may damage its copy freely.
+`tiny_config(folder, fast=True)` takes it with `FAST` on top (fewer images, steps and bootstrap
+resamples, one round): the smallest real run, for module-scoped fixtures that build a run directory
+with `make_run` and hand each test its own `copy_run`, so a test may damage its copy freely.
+`fast=False` keeps the config as `vsi run configs/tiny.yaml` runs it.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-TINY: dict[str, Any] = {
-    "name": "tiny", "seed": 0,
-    "data": {"source": "digits", "image_size": 16, "max_per_class": 10, "augment": "none"},
-    "classifier": {"arch": "resnet10t", "steps": 4, "batch_size": 16, "warmup_steps": 1, "eval_every": 2,
-                   "predict_batch_size": 128},
+import yaml
+
+TINY: dict[str, Any] = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").read_text())
+FAST: dict[str, Any] = {  # test speed: the same stages on less work
+    "data": {"max_per_class": 10, "augment": "none"},
+    "classifier": {"steps": 4, "batch_size": 16, "warmup_steps": 1, "eval_every": 2},
     "diagnose": {"budget_total": 8, "n_bootstrap": 100, "max_clusters": 2, "min_slice_size": 2},
-    "generate": {"preset": "tiny", "batch_size": 8},
+    "generate": {"batch_size": 8},
     "gate": {"n_bootstrap": 100},
     "loop": {"max_rounds": 1},
 }
@@ -33,9 +37,11 @@ def merge(cfg: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def tiny_config(folder: Path, **changes: Any) -> dict[str, Any]:
-    """TINY with runs and caches under `folder`, and `changes` merged in (see `merge`)."""
+def tiny_config(folder: Path, *, fast: bool = True, **changes: Any) -> dict[str, Any]:
+    """TINY (with FAST when `fast`) with runs and caches under `folder`, and `changes` merged in (see `merge`)."""
     cfg = copy.deepcopy(TINY)
+    if fast:
+        merge(cfg, copy.deepcopy(FAST))
     cfg["output_dir"] = str(folder / "runs")
     cfg["data"]["cache_dir"] = str(folder / "cache")
     cfg["generate"]["cache_dir"] = str(folder / "cache" / "gen")
@@ -56,3 +62,12 @@ def copy_run(run: Path, folder: Path) -> Path:
     dst = folder / run.name
     shutil.copytree(run, dst)
     return dst
+
+
+def forge_splits(run: Path, text: str) -> None:
+    """Replace a run's `splits.csv` and re-record its digest, as a forger who knows the digest file would:
+    the digest check passes, so only the file's own checks (columns, ids, sha256, synthetic rows) can stop it."""
+    import hashlib
+
+    (run / "splits.csv").write_text(text)
+    (run / "splits.sha256").write_text(f"{hashlib.sha256(text.encode()).hexdigest()}  splits.csv\n")

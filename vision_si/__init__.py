@@ -14,6 +14,12 @@ import os
 # albumentations checks PyPI for a newer release on import unless told not to; we never reach the
 # network unasked, so this must be set before anything imports albumentations.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# torch's CPU kernels run on GNU OpenMP, whose idle threads spin before they sleep. On a machine shared
+# with other jobs a spinning thread burns the core another thread is waiting for, and a training step
+# gets several times slower (benchmarks/threads.py). Passive waiting costs little alone and removes
+# that. libgomp reads this once, when torch loads it: it takes effect when vision_si is imported first
+# (the CLI always does); a user's own setting is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import importlib  # noqa: E402
 from typing import Any  # noqa: E402
@@ -35,6 +41,8 @@ _LAZY = {
     "make_splits": "vision_si.data",
     "load_images": "vision_si.data",
     "build_augmentation": "vision_si.data",
+    "LabelledImages": "vision_si.data",
+    "load_real_data": "vision_si.data",
     "TrainedClassifier": "vision_si.classifier",
     "train_classifier": "vision_si.classifier",
     "predict": "vision_si.classifier",
@@ -44,6 +52,7 @@ _LAZY = {
     "run_generation": "vision_si.generators.runner",
     "read_manifest": "vision_si.generators.runner",
     "FilterResult": "vision_si.filter",
+    "ModelOutputs": "vision_si.filter",
     "filter_candidates": "vision_si.filter",
     "GateDecision": "vision_si.gate",
     "run_gate": "vision_si.gate",

@@ -25,8 +25,7 @@ in the returned notes.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,7 +38,9 @@ CLASS_SLICE = "class"
 
 @dataclass
 class Allocation:
-    """One budget line. The first seven fields are those of `GenerationRequest`."""
+    """One budget line. The first seven fields are those of `GenerationRequest`; the loop turns a budget
+    into requests in one place (`vision_si.stages.generation_requests`), so the diagnosis never
+    imports the generators."""
 
     class_index: int
     class_name: str
@@ -49,13 +50,6 @@ class Allocation:
     mode: str = "exemplar"
     strength: float = 0.5
     deficit: float = 0.0
-
-    def to_request(self) -> Any:
-        from vision_si.generators.base import GenerationRequest  # imported late: diagnosis does not need it
-
-        d = asdict(self)
-        d.pop("deficit")
-        return GenerationRequest(**d)
 
 
 def water_fill(weights: np.ndarray, total: int, floor: float, cap: float) -> np.ndarray:

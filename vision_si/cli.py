@@ -1,7 +1,7 @@
 """The `vsi` command: the whole loop (`demo`, `run`, `resume`) and one command per stage.
 
 Exit codes: 0 success; 2 bad input or configuration (one line naming the file, key or value);
-3 an evaluation invariant was violated (synthetic data in val/test); 130 interrupted; 1 a bug,
+3 an evaluation invariant was violated (synthetic data in val/test, or the run's splits.csv edited); 130 interrupted; 1 a bug,
 with the traceback written to a file whose path is printed.
 """
 
@@ -13,6 +13,7 @@ import sys
 import tempfile
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,21 @@ from vision_si.errors import EvaluationInvariantError, InputError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="vision_si: targeted synthetic data for data-scarce image classification.")
 
+
+@dataclass
+class Session:
+    """What `main` must know when a command stops: the run directory a run is working in (for Ctrl-C).
+
+    `main` makes one per invocation and hands it to the command as `ctx.obj`; no module state."""
+
+    run_dir: Path | None = None
+
+    def seen(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+
+def _session(ctx: typer.Context) -> Session:
+    return ctx.obj if isinstance(ctx.obj, Session) else Session()
 
 
 def _show_version(value: bool) -> None:
@@ -89,16 +105,26 @@ def _print_result(run_dir: Path) -> None:
     console.print(table)
     decisions = [r.get("gate", {}).get("decision", "n/a") for r in summary["rounds"]]
     accepted = sum(d == "accepted" for d in decisions)
+    skipped = sum(d == "skipped" for d in decisions)
     console.print(f"rounds: {len(decisions)} run, {accepted} accepted by the gate, "
-                  f"{len(decisions) - accepted} rejected; synthetic images in val/test: "
-                  f"{summary['synthetic_in_eval_splits']}")
+                  f"{len(decisions) - accepted - skipped} rejected"
+                  + (f", {skipped} skipped (no candidate passed the filter)" if skipped else "")
+                  + f"; synthetic images in val/test: {summary['synthetic_in_eval_splits']}")
     for r in summary["rounds"]:
         g = r.get("gate", {})
         d = g.get("delta", {})
         console.print(f"  round {r['round']}: generated {r['generated']}, passed filter "
                       f"{r.get('accepted_by_filter', 0)}, gate {g.get('decision', 'n/a')}"
-                      + (f" ({g.get('metric')} change on val {d['value']:+.3f}, "
-                         f"95% CI [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}])" if d else ""))
+                      + (f" ({g.get('metric')} change on the judging val images {d['value']:+.3f} "
+                         f"[{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}], {g.get('seeds')} paired seeds)"
+                         if d and d.get("ci") and g.get("decision") != "skipped" else ""))
+    effect = summary["test"].get("synthetic_effect")
+    if effect:
+        for metric, e in effect.items():
+            if isinstance(e, dict):
+                console.print(f"the accepted pool's own effect on test ({metric}, round {effect['round']}'s paired "
+                              f"models, {effect['seeds']} seeds): {e['delta']:+.3f} [{e['ci'][0]:+.3f}, "
+                              f"{e['ci'][1]:+.3f}]")
     if accepted == 0:
         console.print("the gate accepted no synthetic images: the final model is the round-0 model")
     console.print(f"report: {run_dir / 'report.html'}")
@@ -112,32 +138,33 @@ def _finish(run_dir: Path) -> None:
 
 
 @app.command()
-def demo(quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt,  # noqa: UP045
+def demo(ctx: typer.Context, quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt,  # noqa: UP045
          output_dir: Path = typer.Option(Path("runs"), help="Where the run directory is created.")) -> None:
     """Run the whole loop on the embedded ELPV dataset with the quick CPU profile (about 4 min on 2 idle cores)."""
     cfg = _load(Path(DEMO_CONFIG), [f"output_dir={output_dir}", *(overrides or [])])
     from vision_si.loop import run_loop
 
-    _finish(run_loop(cfg, progress=not quiet, echo=_echo(quiet)))
+    _finish(run_loop(cfg, progress=not quiet, echo=_echo(quiet), on_run_dir=_session(ctx).seen))
 
 
 @app.command()
-def run(config: Path = typer.Argument(..., help="Run config YAML (see configs/)."), quiet: bool = QuietOpt,
-        overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
+def run(ctx: typer.Context, config: Path = typer.Argument(..., help="Run config YAML (see configs/)."),
+        quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
     """Run the loop from a config file."""
     cfg = _load(config, overrides)
     from vision_si.loop import run_loop
 
-    _finish(run_loop(cfg, progress=not quiet, echo=_echo(quiet)))
+    _finish(run_loop(cfg, progress=not quiet, echo=_echo(quiet), on_run_dir=_session(ctx).seen))
 
 
 @app.command()
-def resume(run_dir: Path = typer.Argument(..., help="Run directory to continue."), quiet: bool = QuietOpt) -> None:
+def resume(ctx: typer.Context, run_dir: Path = typer.Argument(..., help="Run directory to continue."),
+           quiet: bool = QuietOpt) -> None:
     """Continue an interrupted run from its last complete stage."""
     _require_run_dir(run_dir)
     from vision_si.loop import resume as resume_run
 
-    _finish(resume_run(run_dir, progress=not quiet, echo=_echo(quiet)))
+    _finish(resume_run(run_dir, progress=not quiet, echo=_echo(quiet), on_run_dir=_session(ctx).seen))
 
 
 def _require_run_dir(run_dir: Path) -> None:
@@ -145,20 +172,21 @@ def _require_run_dir(run_dir: Path) -> None:
         raise InputError(f"'{run_dir}' is not a run directory (no config.yaml)")
 
 
-def _until(stage: str, target: Path, overrides: list[str] | None, quiet: bool) -> None:
+def _until(ctx: typer.Context, stage: str, target: Path, overrides: list[str] | None, quiet: bool) -> None:
     """Run a config (new run) or a run directory up to and including the next `stage`."""
+    seen = _session(ctx).seen
     if target.is_dir():
         _require_run_dir(target)
         from vision_si.loop import resume as resume_run
 
         if overrides:
             raise InputError("--set applies to a new run from a config file, not to an existing run directory")
-        rd = resume_run(target, progress=not quiet, echo=_echo(quiet), until=stage)
+        rd = resume_run(target, progress=not quiet, echo=_echo(quiet), until=stage, on_run_dir=seen)
     else:
         cfg = _load(target, overrides)
         from vision_si.loop import run_loop
 
-        rd = run_loop(cfg, progress=not quiet, echo=_echo(quiet), until=stage)
+        rd = run_loop(cfg, progress=not quiet, echo=_echo(quiet), until=stage, on_run_dir=seen)
     if (rd / "summary.json").exists():  # no such stage was left: the run went on to its end
         typer.echo(f"no '{stage}' stage was left to run: the run is complete", err=True)
         _print_result(rd)
@@ -170,19 +198,55 @@ TargetArg = typer.Argument(..., help="A run config YAML (starts a new run) or a 
 
 
 @app.command()
-def train(target: Path = TargetArg, quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
-    """Run up to the next training stage (round 0: the classifier on real data)."""
-    _until("train", target, overrides, quiet)
+def pretrain(target: Path = TargetArg, quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
+    """Train (or load from its cache) the run's self-supervised encoder and print where it is."""
+    from vision_si.pretrain import load_encoder, require_lightly
+
+    if target.is_dir():
+        _require_run_dir(target)
+        if overrides:
+            raise InputError("--set applies to a new run from a config file, not to an existing run directory")
+        from vision_si.config import load_config
+        from vision_si.loop import resume as resume_run
+        from vision_si.pretrain import encoder_available
+
+        if not load_config(target / "config.yaml").pretrain.enabled:
+            raise InputError(f"{target}: the run was started without pretraining (pretrain.enabled: false); "
+                             "`vsi pretrain CONFIG` starts a new run with it")
+        require_lightly()
+        rd = target
+        if not encoder_available(target / "pretrain"):  # a complete stage is only read, never run past
+            rd = resume_run(target, progress=not quiet, echo=_echo(quiet), until="pretrain")
+    else:
+        cfg = _load(target, [*(overrides or []), "pretrain.enabled=true"])  # this command always pretrains
+        require_lightly()
+        from vision_si.loop import run_loop
+
+        rd = run_loop(cfg, progress=not quiet, echo=_echo(quiet), until="pretrain")
+    enc = load_encoder(rd / "pretrain", "cpu")
+    typer.echo(f"encoder: {enc.path} ({enc.meta['arch']}, {enc.meta['method']}, {enc.meta['n_inputs']} images, "
+               f"{enc.dim}-d embeddings)")
+    typer.echo(f"run directory: {rd}")
+
+
+def _stage_command(stage: str, doc: str) -> None:
+    """Register `vsi STAGE TARGET`: a new run (a config) or a run directory, up to the next `stage`."""
+
+    def command(ctx: typer.Context, target: Path = TargetArg, quiet: bool = QuietOpt,
+                overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
+        _until(ctx, stage, target, overrides, quiet)
+
+    command.__doc__ = doc
+    app.command(name=stage)(command)
+
+
+_stage_command("train", "Run up to the next training stage (round 0: the classifier on real data).")
+_stage_command("diagnose", "Run up to the next diagnosis: metrics with intervals, weak slices, budget and plots.")
 
 
 @app.command()
-def diagnose(target: Path = TargetArg, quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
-    """Run up to the next diagnosis: metrics with intervals, weak slices, budget and plots."""
-    _until("diagnose", target, overrides, quiet)
-
-
-@app.command()
-def generate(target: Path = typer.Argument(None, help="A run config or run directory (omit with --plan)."),
+def generate(ctx: typer.Context,
+             target: Path = typer.Argument(None, help="A run config or run directory (omit with --plan)."),
              plan: Path = typer.Option(None, help="A plan file for a batch job outside the loop."),
              out: Path = typer.Option(None, help="Output folder of a --plan job."),
              engine: str = typer.Option("local", help="local or ray."),
@@ -190,7 +254,7 @@ def generate(target: Path = typer.Argument(None, help="A run config or run direc
              quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
     """Generate the next round's images, or run a plan file as a resumable batch job (--plan)."""
     if plan is not None:
-        from vision_si.generators.runner import generate_from_plan
+        from vision_si.generators.plan import generate_from_plan
 
         if out is None:
             raise InputError("--plan needs --out DIR: where the images and manifest.jsonl go")
@@ -201,19 +265,11 @@ def generate(target: Path = typer.Argument(None, help="A run config or run direc
         return
     if target is None:
         raise InputError("give a run config or run directory, or --plan PLAN --out DIR")
-    _until("generate", target, overrides, quiet)
+    _until(ctx, "generate", target, overrides, quiet)
 
 
-@app.command(name="filter")
-def filter_(target: Path = TargetArg, quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
-    """Run up to the next filtering stage: score every candidate and decide with a reason."""
-    _until("filter", target, overrides, quiet)
-
-
-@app.command()
-def gate(target: Path = TargetArg, quiet: bool = QuietOpt, overrides: Optional[list[str]] = SetOpt) -> None:  # noqa: UP045
-    """Run up to the next gate: retrain with the filtered pool and decide on real val."""
-    _until("gate", target, overrides, quiet)
+_stage_command("filter", "Run up to the next filtering stage: score every candidate and decide with a reason.")
+_stage_command("gate", "Run up to the next gate: retrain with the filtered pool and decide on real val.")
 
 
 @app.command()
@@ -221,6 +277,9 @@ def report(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
     """Write report.html for a run directory (complete or not)."""
     _require_run_dir(run_dir)
     from vision_si.report import write_report
+    from vision_si.rundir import check_splits_record
+
+    check_splits_record(run_dir)  # a report of an edited split would misstate what test was (exit 3)
 
     typer.echo(str(write_report(run_dir)))
 
@@ -237,9 +296,8 @@ def review(run_dir: Path = typer.Argument(..., help="Run directory."),
     serve_review(run_dir, host=host, port=port, echo=lambda msg: typer.echo(msg))
 
 
-def _interrupted() -> None:
-    loop = sys.modules.get("vision_si.loop")  # imported only once a run has started
-    run_dir = getattr(loop, "current_run_dir", None) if loop else None
+def _interrupted(session: Session) -> None:
+    run_dir = session.run_dir
     hint = f"`vsi resume {run_dir}`" if run_dir else "`vsi resume RUN_DIR`"
     typer.echo(f"interrupted; {hint} continues from the last complete stage", err=True)
     sys.exit(130)
@@ -247,10 +305,11 @@ def _interrupted() -> None:
 
 def main() -> None:
     warnings.formatwarning = _one_line_warning
+    session = Session()
     try:
         # Outside standalone mode typer turns Ctrl-C into a returned 130 and `typer.Exit(n)` into a
         # returned n (commands themselves return None), so the return value is the exit code.
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, obj=session)
     except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -258,7 +317,7 @@ def main() -> None:
         typer.echo(f"stopped: {exc}", err=True)
         sys.exit(3)
     except (typer.Abort, KeyboardInterrupt):
-        _interrupted()
+        _interrupted(session)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
@@ -278,7 +337,7 @@ def main() -> None:
         typer.echo(f"internal error: {type(exc).__name__}: {exc} (traceback: {path})", err=True)
         sys.exit(1)
     if code == 130:
-        _interrupted()
+        _interrupted(session)
     if isinstance(code, int) and code:
         sys.exit(code)
 

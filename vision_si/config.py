@@ -66,8 +66,11 @@ class DataConfig:
     alpha: Literal["drop", "composite_white", "composite_black"] = "composite_black"
     on_bad_image: Literal["error", "skip"] = "error"
     max_per_class: int | None = None  # cap per class (quick profiles); picked deterministically by seed
-    augment: Literal["none", "light", "standard", "strong"] = "standard"
+    augment: Literal["none", "flips", "light", "standard", "strong"] = "standard"
     cache_dir: str = ".cache/vision_si"
+    # a folder of images without labels (any depth, any supported format) that only the self-supervised
+    # pretraining reads (pretrain:); a copy of a val/test image found in it is left out, and said so
+    unlabelled: str | None = None
     split: SplitConfig = field(default_factory=SplitConfig)
     dicom: DicomConfig = field(default_factory=DicomConfig)
 
@@ -75,24 +78,63 @@ class DataConfig:
 @dataclass
 class ClassifierConfig:
     arch: str = "resnet18"
-    pretrained: str = "none"  # none | hub | path to a local weights file (timm pretrained_cfg_overlay)
+    # none | hub | ssl (this run's self-supervised encoder, pretrain:) | path to a local weights file (timm
+    # pretrained_cfg_overlay, or an encoder's model.safetensors)
+    pretrained: str = "none"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     steps: int = 300  # optimizer steps: the budget is fixed so rounds differ only by their data
-    batch_size: int = 64
+    # the budget in epochs of the *real* training images instead (steps = ceil(epochs * n_real / batch_size));
+    # synthetic images come in extra batch slots, so a round with a pool trains as many steps as one without
+    epochs: float | None = None
+    batch_size: int = 64  # real draws per batch; synthetic slots come on top
     lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 30
+    warmup_steps: int | None = None  # None: 5 % of the steps
     label_smoothing: float = 0.1
-    balanced_sampling: bool = True
+    sampling: Literal["natural", "balanced", "sqrt"] = "balanced"  # class weights of the real draws
+    # cross_entropy, or logit_adjusted (Menon et al. 2021): the loss adds tau * log(class prior of the
+    # draws) to the logits, so the raw logits estimate a class-balanced posterior
+    loss: Literal["cross_entropy", "logit_adjusted"] = "cross_entropy"
+    logit_adjust_tau: float = 1.0
     synthetic_share: float = 1.0  # at most this many synthetic draws per real draw of a class
     ema: bool = False
     ema_decay: float = 0.995
+    # re-estimate the BatchNorm statistics of the final weights on the clean (unaugmented) real training
+    # images: the running averages of training lag behind the last weights and see augmented images
+    bn_recalibrate: bool = True
+    tta: bool = False  # predict with flips averaged (only where orientation carries no label)
     grad_clip: float = 1.0
     select_best_on_val: bool = False
     eval_every: int = 50
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0
     predict_batch_size: int = 256
+
+
+PRETRAIN_CONSUMERS = ("classifier", "diagnosis", "filter")
+
+
+@dataclass
+class PretrainConfig:
+    """Self-supervised encoder on the train split plus `data.unlabelled` (vision_si/pretrain.py; the
+    `pretrain` extra, lightly). Never trained on val or test; cached by the sha256 of its inputs."""
+
+    enabled: bool = False
+    method: Literal["simclr", "vicreg"] = "simclr"
+    epochs: float = 30.0  # passes over the pretraining images (train split + unlabelled), fractions allowed
+    batch_size: int = 64  # images per step; each gives two augmented views
+    lr: float = 1e-3  # AdamW, linear warm-up over the first 5 % of steps then cosine decay
+    weight_decay: float = 1e-4
+    temperature: float = 0.2  # NT-Xent temperature (simclr)
+    image_size: int | None = None  # null: data.image_size
+    crop_min_scale: float = 0.35  # random resized crop keeps 35-100 % of the image area
+    flips: bool | None = None  # flips and 90-degree turns in the views; null: as data.augment allows (standard/strong)
+    checkpoint_every: int = 50  # steps between resume checkpoints (<cache_dir>/<key>.partial/)
+    seed: int | None = None  # seed of the pretraining (None: the run's); fixed, runs of several seeds share one encoder
+    cache_dir: str = ".cache/vision_si/encoders"
+    # who uses the encoder: the classifier starts from it (unless classifier.pretrained names weights of
+    # the user's, which stay the first choice); the diagnosis and the filter get its label-free embeddings
+    use_for: list[str] = field(default_factory=lambda: list(PRETRAIN_CONSUMERS))
 
 
 @dataclass
@@ -129,12 +171,17 @@ class GenerateConfig:
     train_seed: int | None = None
 
 
-FILTER_NAMES = ("fidelity", "informativeness", "realism", "memorisation", "duplicate")
+# The filters in priority order: a candidate's reason is the first enabled filter it fails (safety first,
+# then quality, then redundancy). `vision_si.filter` reads its PRIORITY from here, so the list has one home.
+FILTER_PRIORITY = ("leakage", "memorisation", "fidelity", "realism", "duplicate", "informativeness")
+FILTER_NAMES = tuple(name for name in FILTER_PRIORITY if name != "leakage")  # those `enabled` may name
 
 
 @dataclass
 class FilterConfig:
-    critic: str = "round0"  # round0 | a timm arch name trained separately on real train data
+    # the frozen critic that judges fidelity and embeds every image: round 0's baseline model, trained on
+    # real train data only and never retrained (the one critic so far; the loop reads this key)
+    critic: Literal["round0"] = "round0"
     enabled: list[str] = field(default_factory=lambda: list(FILTER_NAMES))  # leakage is always on
     fidelity_min: float = 0.5
     informativeness_max: float = 0.95
@@ -156,20 +203,31 @@ class FilterConfig:
 
 @dataclass
 class GateConfig:
+    """The paired retrain-and-compare decision (vision_si.gate). Fixed before the round; see docs/internals.md."""
+
     enabled: bool = True  # false only for ablations: every filtered pool is accepted
-    metric: Literal["macro_f1", "balanced_accuracy", "weak_class_recall"] = "macro_f1"
-    min_delta: float = 0.0
-    tolerance: float = 0.05  # largest allowed drop of any class's val recall
-    # ...but never finer than this many val images of the class: with 16 val images of a class one image
-    # moves its recall by 0.0625, so a 0.05 tolerance would call any single flip a regression (0 = off)
+    admit: Literal["superiority", "non_inferiority"] = "superiority"  # which question admits a pool
+    # primary metric on the judging images, from the whole predicted distribution after calibration
+    metric: Literal["macro_auroc", "log_loss", "macro_f1", "balanced_accuracy"] = "macro_auroc"
+    min_delta: float = 0.0  # superiority: the lower end of the improvement must be above this
+    margin: float = 0.01  # non-inferiority: ... above -margin (in units of the metric)
+    f1_margin: float = 0.03  # check: macro-F1 (balanced decisions) may not be worse by more than this
+    tolerance: float = 0.05  # check: largest allowed drop of any class's recall on the judging images
+    # ...but never finer than this many judging images of the class (a single flipped image is not a regression)
     tolerance_min_images: int = 1
-    n_bootstrap: int = 1000
-    confidence: float = 0.95
-    seeds: int = 1  # models trained per side; decision on the paired mean
-    # with seeds >= 2: resample seed pairs as well as val images, so the interval sees training noise
-    bootstrap: Literal["images", "seeds_and_images"] = "seeds_and_images"
-    # the lower bound must also clear this: a number, or "auto" = the between-seed sd of the per-seed deltas
-    noise_floor: Any = 0.0
+    n_bootstrap: int = 1000  # paired image resamples for the image part of the interval
+    confidence: float = 0.95  # two-sided; its one-sided half is spent over the looks
+    seeds_per_look: int = 3  # paired seeds added before each look
+    max_seeds: int = 9  # the last look; the design (looks at 3, 6, 9) is fixed before any number is seen
+    judge_fraction: float = 0.5  # share of val that judges; the rest selects (exemplars, thresholds, calibration)
+    start: Literal["warm", "scratch"] = "warm"  # warm: both sides fine-tune the current model; scratch: full recipe
+    finetune_epochs: float = 2.0  # warm start: epochs of the real training images per side
+    finetune_lr: float | None = None  # warm start: peak learning rate (None: classifier.lr / 4)
+
+    def look_schedule(self) -> list[int]:
+        """Seed counts at which the gate looks: seeds_per_look, 2*seeds_per_look, ..., max_seeds."""
+        looks = list(range(self.seeds_per_look, self.max_seeds, self.seeds_per_look))
+        return looks + [self.max_seeds]
 
 
 @dataclass
@@ -177,6 +235,10 @@ class LoopConfig:
     max_rounds: int = 2
     patience: int = 1
     on_reject: Literal["adapt", "repeat"] = "adapt"  # adapt: lower strength and budget next round
+    # after k rejected rounds in a row (on_reject: adapt), a round asks for count × budget_factor^k images
+    # of each allocation, at exemplar strength × strength_factor^k (variations closer to the exemplars)
+    adapt_budget_factor: float = 0.5
+    adapt_strength_factor: float = 0.7
 
 
 @dataclass
@@ -199,6 +261,7 @@ class RunConfig:
     threads: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
@@ -308,9 +371,9 @@ def _read_card(card: str) -> dict[str, Any]:
     if not isinstance(card, str):  # read before the type checks of the data section
         raise ConfigError(f"data.card: expected a path to a dataset card YAML, got {card!r}")
     path = resolve_path(card)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"data.card: dataset card '{card}' not found")
-    content = _read_yaml(path)
+    content = _read_yaml(path, "data.card: dataset card")
     section = content.get("data", {})
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: 'data' must be a mapping of data keys")
@@ -332,15 +395,122 @@ def resolve_path(p: str | Path) -> Path:
     return path
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+# Bounds on what a YAML or JSON input may expand to: a run config has about 150 nodes and a depth of
+# 4; a plan file grows with its requests. An alias bomb (anchors of anchors) of a few hundred bytes
+# expands to billions of nodes when copied; deep nesting exhausts the recursion of every reader.
+MAX_INPUT_NODES = 100_000
+MAX_INPUT_DEPTH = 50
+
+
+def _too_big(where: str, what: str) -> ConfigError:
+    return ConfigError(f"{where}: {what}; refused")
+
+
+def _too_deep(where: str) -> ConfigError:
+    return _too_big(where, f"values nested more than {MAX_INPUT_DEPTH} deep")
+
+
+def _too_many(where: str, aliases: bool = True) -> ConfigError:
+    if not aliases:
+        return _too_big(where, f"more than {MAX_INPUT_NODES:,} values")
+    return _too_big(where, f"expands to more than {MAX_INPUT_NODES:,} values once its aliases are expanded "
+                           "(an alias bomb)")
+
+
+def _measure_node(node: Any, depth: int, memo: dict[int, tuple[int, int]], open_: set[int], where: str) -> tuple[int, int]:
+    """(values, height) of a composed YAML node with every alias expanded; raises beyond the bounds.
+
+    An alias is the same node object as its anchor, so the memo makes this linear in the document's
+    size however large the expansion is.
+    """
+    key = id(node)
+    if key in memo:
+        size, height = memo[key]
+    else:
+        if key in open_:
+            raise ConfigError(f"{where}: a recursive alias (an anchor that contains itself); refused")
+        if depth > MAX_INPUT_DEPTH:
+            raise _too_deep(where)
+        open_.add(key)
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [x for pair in node.value for x in pair]
+        else:
+            children = []
+        size, height = 1, 0
+        for child in children:
+            s, h = _measure_node(child, depth + 1, memo, open_, where)
+            size, height = size + s, max(height, h + 1)
+            if size > MAX_INPUT_NODES:
+                raise _too_many(where)
+        open_.discard(key)
+        memo[key] = (size, height)
+    if depth + height > MAX_INPUT_DEPTH:
+        raise _too_deep(where)
+    return size, height
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load` of `text`, refusing (`ConfigError` naming `where`) alias bombs and deep nesting.
+
+    The nesting depth is read from the event stream (PyYAML's parser does not recurse, its composer
+    does), then the composed node graph is measured with aliases expanded, and only then is it
+    constructed into Python objects.
+    """
+    depth = 0
     try:
-        text = path.read_text(encoding="utf-8")
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_INPUT_DEPTH:
+                    raise _too_deep(where)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _measure_node(node, 1, {}, set(), where)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
+def check_plain_tree(value: Any, where: str) -> Any:
+    """Refuse a parsed JSON/YAML value beyond the same bounds as `parse_yaml` (iteratively, no recursion)."""
+    count, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if depth > MAX_INPUT_DEPTH:
+            raise _too_deep(where)
+        if count > MAX_INPUT_NODES:
+            raise _too_many(where, aliases=False)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for pair in item.items() for v in pair)
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return value
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of an input file; a missing file, a folder or other bytes are a `ConfigError`."""
+    if path.is_dir():
+        raise ConfigError(f"{what} '{path}' is a folder, not a file")
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' not found")
+    try:
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    try:
-        content = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
+def _read_yaml(path: Path, what: str = "file") -> dict[str, Any]:
+    content = parse_yaml(read_text_file(path, what), str(path))
     if content is None:
         return {}
     if not isinstance(content, dict):
@@ -357,8 +527,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(raw, f"--set {key}") if raw.strip() else ""
+    except ConfigError as exc:
+        if "not valid YAML" not in str(exc):
+            raise  # an alias bomb or deep nesting: refused, not taken as a string
         value = raw
     return key.split("."), value
 
@@ -402,10 +574,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     """
     data: dict[str, Any] = {}
     if path is not None:
-        p = resolve_path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' not found")
-        data = _read_yaml(p)
+        data = _read_yaml(resolve_path(path), "config file")
     data = apply_overrides(data, overrides)  # its errors name the --set text, not the file
     try:
         return config_from_dict(data)
@@ -416,7 +585,24 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write `cfg` as YAML, atomically (a kill never leaves half a config)."""
+    from vision_si.rundir import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- seeds derived from the run's seed
+
+
+def split_seed(cfg: RunConfig) -> int:
+    """The seed of the train/val/test split: `data.split.seed`, else the run's seed."""
+    return cfg.seed if cfg.data.split.seed is None else cfg.data.split.seed
+
+
+def model_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of the `n` models trained per side (`gate.seeds`): `seed + k` for the k-th; model k of
+    every round trains with the same seed, so rounds differ only by their data."""
+    return [seed + k for k in range(n)]
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -453,7 +639,11 @@ def validate_config(cfg: RunConfig) -> None:
     _check(1 <= c.batch_size <= 65536, "classifier.batch_size", c.batch_size, "1 to 65536")
     _check(0 < c.lr <= 10, "classifier.lr", c.lr, "0 < x <= 10")
     _check(c.weight_decay >= 0, "classifier.weight_decay", c.weight_decay, ">= 0")
-    _check(0 <= c.warmup_steps <= c.steps, "classifier.warmup_steps", c.warmup_steps, "0 to classifier.steps")
+    _check(c.epochs is None or 0 < c.epochs <= 100_000, "classifier.epochs", c.epochs, "0 < x <= 100,000 or null")
+    _check(c.warmup_steps is None or c.warmup_steps >= 0, "classifier.warmup_steps", c.warmup_steps, ">= 0 or null")
+    _check(c.epochs is not None or c.warmup_steps is None or c.warmup_steps <= c.steps, "classifier.warmup_steps",
+           c.warmup_steps, "0 to classifier.steps")
+    _check(0 <= c.logit_adjust_tau <= 5, "classifier.logit_adjust_tau", c.logit_adjust_tau, "0 to 5")
     _check(0 <= c.label_smoothing < 1, "classifier.label_smoothing", c.label_smoothing, "0 <= x < 1")
     _check(c.synthetic_share >= 0, "classifier.synthetic_share", c.synthetic_share, ">= 0")
     _check(0 < c.ema_decay < 1, "classifier.ema_decay", c.ema_decay, "0 < x < 1")
@@ -464,6 +654,29 @@ def validate_config(cfg: RunConfig) -> None:
     dev = c.device
     _check(dev in ("auto", "cpu", "cuda", "mps") or dev.startswith("cuda:"), "classifier.device", dev,
            "auto, cpu, cuda, cuda:N or mps")
+    _check(c.pretrained != "ssl" or cfg.pretrain.enabled, "classifier.pretrained", c.pretrained,
+           "'ssl' starts the classifier from this run's pretrained encoder: set pretrain.enabled: true")
+    _check(c.pretrained != "ssl" or "classifier" in cfg.pretrain.use_for, "classifier.pretrained", c.pretrained,
+           "'ssl' needs 'classifier' in pretrain.use_for")
+    pt = cfg.pretrain
+    _check(0 < pt.epochs <= 100_000, "pretrain.epochs", pt.epochs, "0 < x <= 100,000")
+    _check(2 <= pt.batch_size <= 65536, "pretrain.batch_size", pt.batch_size, "2 to 65536 (contrastive pairs need two)")
+    _check(0 < pt.lr <= 10, "pretrain.lr", pt.lr, "0 < x <= 10")
+    _check(pt.weight_decay >= 0, "pretrain.weight_decay", pt.weight_decay, ">= 0")
+    _check(0 < pt.temperature <= 10, "pretrain.temperature", pt.temperature, "0 < x <= 10")
+    _check(pt.image_size is None or 8 <= pt.image_size <= 1024, "pretrain.image_size", pt.image_size,
+           "8 to 1024, or null for data.image_size")
+    _check(0 < pt.crop_min_scale <= 1, "pretrain.crop_min_scale", pt.crop_min_scale, "0 < x <= 1")
+    _check(pt.seed is None or pt.seed >= 0, "pretrain.seed", pt.seed, ">= 0 or null")
+    _check(pt.checkpoint_every >= 1, "pretrain.checkpoint_every", pt.checkpoint_every, ">= 1")
+    _check(bool(pt.cache_dir.strip()) and "\0" not in pt.cache_dir, "pretrain.cache_dir", pt.cache_dir, "a folder path")
+    for name in pt.use_for:
+        if name not in PRETRAIN_CONSUMERS:
+            raise ConfigError(f"pretrain.use_for: unknown consumer '{name}'{_suggest(name, PRETRAIN_CONSUMERS)}")
+    _check(len(set(pt.use_for)) == len(pt.use_for), "pretrain.use_for", pt.use_for, "each consumer at most once")
+    _check(d.unlabelled is None or bool(d.unlabelled.strip()), "data.unlabelled", d.unlabelled, "a folder or null")
+    _check(d.unlabelled is None or pt.enabled, "data.unlabelled", d.unlabelled,
+           "read only by the self-supervised pretraining: set pretrain.enabled: true, or leave it out")
     g = cfg.diagnose
     _check(1 <= g.max_clusters <= 50, "diagnose.max_clusters", g.max_clusters, "1 to 50")
     _check(g.min_slice_size >= 2, "diagnose.min_slice_size", g.min_slice_size, ">= 2")
@@ -507,10 +720,13 @@ def validate_config(cfg: RunConfig) -> None:
            t.tolerance_min_images, "an integer >= 0")
     _check(100 <= t.n_bootstrap <= 100_000, "gate.n_bootstrap", t.n_bootstrap, "100 to 100,000")
     _check(0.5 <= t.confidence < 1, "gate.confidence", t.confidence, "0.5 <= x < 1")
-    _check(1 <= t.seeds <= 20, "gate.seeds", t.seeds, "1 to 20")
-    nf = t.noise_floor
-    _check(nf == "auto" or (isinstance(nf, (int, float)) and not isinstance(nf, bool) and 0 <= nf <= 1),
-           "gate.noise_floor", nf, "'auto' or a number from 0 to 1")
+    _check(0 <= t.margin <= 1, "gate.margin", t.margin, "0 to 1")
+    _check(0 <= t.f1_margin <= 1, "gate.f1_margin", t.f1_margin, "0 to 1")
+    _check(1 <= t.seeds_per_look <= 50, "gate.seeds_per_look", t.seeds_per_look, "1 to 50")
+    _check(t.seeds_per_look <= t.max_seeds <= 100, "gate.max_seeds", t.max_seeds, "gate.seeds_per_look to 100")
+    _check(0.1 <= t.judge_fraction <= 0.9, "gate.judge_fraction", t.judge_fraction, "0.1 to 0.9")
+    _check(0 < t.finetune_epochs <= 1000, "gate.finetune_epochs", t.finetune_epochs, "0 < x <= 1000")
+    _check(t.finetune_lr is None or 0 < t.finetune_lr <= 10, "gate.finetune_lr", t.finetune_lr, "0 < x <= 10 or null")
     lp = cfg.loop
     _check(0 <= lp.max_rounds <= 100, "loop.max_rounds", lp.max_rounds, "0 to 100")
     _check(lp.patience >= 1, "loop.patience", lp.patience, ">= 1")
@@ -518,3 +734,5 @@ def validate_config(cfg: RunConfig) -> None:
     _check(tr.uri is None or bool(tr.uri.strip()), "tracking.uri", tr.uri, "a tracking URI or null")
     _check(bool(tr.experiment.strip()) and len(tr.experiment) <= 250, "tracking.experiment", tr.experiment,
            "a non-empty name of at most 250 characters")
+    _check(0 < lp.adapt_budget_factor <= 1, "loop.adapt_budget_factor", lp.adapt_budget_factor, "0 < x <= 1")
+    _check(0 < lp.adapt_strength_factor <= 1, "loop.adapt_strength_factor", lp.adapt_strength_factor, "0 < x <= 1")

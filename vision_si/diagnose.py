@@ -2,7 +2,8 @@
 
 A functional core on plain arrays (labels, predicted probabilities, embeddings), so any model plugs
 in. `diagnose` returns a `Diagnosis`; weak slices are found by `vision_si.slices`, the budget is
-allocated by `vision_si.budget` (both document their rules), plots live in `vision_si.plots`.
+allocated by `vision_si.budget` (both document their rules); its plots live beside the report
+(`vision_si.report_plots`).
 
 Files written by `Diagnosis.save(out_dir)`:
 
@@ -46,6 +47,7 @@ from sklearn.metrics import confusion_matrix
 
 from vision_si.budget import Allocation, allocate_budget, weak_classes_of
 from vision_si.config import DiagnoseConfig
+from vision_si.data.arrays import LabelledImages
 from vision_si.errors import DataError, RunDirError
 from vision_si.metrics import (
     bootstrap_confusions,
@@ -285,14 +287,18 @@ def _margins(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- entry point
 
 
-def diagnose(cfg: DiagnoseConfig, *, classes: list[str], val_labels: np.ndarray, val_probs: np.ndarray,
-             val_embeddings: np.ndarray, val_ids: Any, train_labels: np.ndarray, train_embeddings: np.ndarray,
-             train_ids: Any, seed: int, mode: str = "exemplar", strength: float = 0.5) -> Diagnosis:
-    """Metrics with CIs, weak slices and the synthesis budget from `val` predictions and real embeddings."""
+def diagnose(cfg: DiagnoseConfig, *, classes: list[str], val: LabelledImages, val_probs: np.ndarray,
+             val_embeddings: np.ndarray, train: LabelledImages, train_embeddings: np.ndarray, seed: int,
+             mode: str = "exemplar", strength: float = 0.5) -> Diagnosis:
+    """Metrics with CIs, weak slices and the synthesis budget from `val` predictions and real embeddings.
+
+    Of the `val` and `train` splits only the labels and ids are read; `*_probs` and `*_embeddings`
+    are the model's outputs on them, row for row. `mode` and `strength` are recorded in the budget.
+    """
     t0 = time.perf_counter()
     classes = list(classes)
-    vl, vp, ve, vid, tl, te, tid = _check_inputs(classes, val_labels, val_probs, val_embeddings, val_ids,
-                                                 train_labels, train_embeddings, train_ids)
+    vl, vp, ve, vid, tl, te, tid = _check_inputs(classes, val.labels, val_probs, val_embeddings, val.ids,
+                                                 train.labels, train_embeddings, train.ids)
     timings = {}
     overall, reports, cm, pairs = class_metrics(cfg, classes, vl, vp, tl, seed)
     timings["metrics"] = time.perf_counter() - t0

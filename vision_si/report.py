@@ -2,7 +2,9 @@
 
 Everything the page shows is read back from the run directory (docs/internals.md), so the report
 can be rebuilt at any time, also for a run that crashed half-way: each section that lacks its files
-says "not available" instead of failing. Images are embedded as data URIs and the page carries a
+says "not available" instead of failing. The synthetic rounds are read as typed stage results
+through `summary.read_rounds` (manifest rows, `FilterResult`, `GateDecision`), the reader
+summary.json is written from, so the page and the summary cannot tell different stories. Images are embedded as data URIs and the page carries a
 Content-Security-Policy that forbids every external load, so it works offline and cannot leak.
 Every string from the run (class names, reasons, ids) is HTML-escaped.
 """
@@ -10,6 +12,7 @@ Every string from the run (class names, reasons, ids) is HTML-escaped.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as _dt
 import json
 from collections import Counter
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from vision_si.errors import RunDirError
+from vision_si.filter import PRIORITY, REASONS, FilterResult
+from vision_si.gate import GateDecision
 from vision_si.metrics import wilson_interval
 from vision_si.report_html import (
     Raw,
@@ -37,11 +42,12 @@ from vision_si.report_html import (
     with_ci,
 )
 from vision_si.rundir import EventLog, atomic_write_text
+from vision_si.summary import RoundRecord, read_rounds
 
 GALLERY_CAP = 24  # thumbnails per (round, group); the counts are always complete
 THUMB_PX = 128  # longest side of an embedded thumbnail
 TABLE_CAP = 40  # rows shown of a long CSV table
-REASON_ORDER = ("off_class", "too_easy", "unrealistic", "memorised", "leak", "duplicate")
+REASON_ORDER = tuple(REASONS[name] for name in PRIORITY)  # the filter's own order: its reasons' priority
 
 
 def load_json(path: Path) -> Any:
@@ -79,17 +85,15 @@ class RunView:
         classes = self.summary.get("classes")
         self.classes = [str(c) for c in (classes if isinstance(classes, list) else self._classes_from_splits())]
         self.rounds = sorted(int(p.name[6:]) for p in run_dir.glob("round-[0-9][0-9]") if p.is_dir())
-        rounds = self.summary.get("rounds")
-        self.summary_rounds = {r.get("round"): r for r in (rounds if isinstance(rounds, list) else [])
-                               if isinstance(r, dict)}
+        self.records: dict[int, RoundRecord] = {rec.round: rec for rec in read_rounds(run_dir, strict=False)}
 
     def _config(self) -> dict:
-        try:
-            import yaml
+        from vision_si.config import parse_yaml
 
-            cfg = yaml.safe_load((self.dir / "config.yaml").read_text(encoding="utf-8"))
+        try:  # bounded like every YAML the package reads: a tampered config.yaml cannot blow up the report
+            cfg = parse_yaml((self.dir / "config.yaml").read_text(encoding="utf-8"), "config.yaml")
             return cfg if isinstance(cfg, dict) else {}
-        except (OSError, ValueError, ImportError):
+        except (OSError, ValueError):
             return {}
 
     def _classes_from_splits(self) -> list[str]:
@@ -111,31 +115,27 @@ class RunView:
             return "unknown date"
 
     def gate(self, r: int) -> dict:
-        """A round's gate decision in one shape, from gate/decision.json or summary.json."""
-        dec = load_dict(self.round_dir(r) / "gate" / "decision.json")
-        s = self.summary_rounds.get(r, {}).get("gate")
-        s = s if isinstance(s, dict) else {}
-        src = dec or s
-        if not src:
-            return {}
-        decision = src.get("decision")
-        if decision is None and "accepted" in src:
-            decision = "accepted" if src["accepted"] else "rejected"
-        out = {"decision": decision, "reason": src.get("reason") or s.get("reason"),
-               "metric": src.get("metric") or s.get("metric")}
-        for key in ("before", "after", "delta"):
-            v = src.get(key, s.get(key))
-            if isinstance(v, dict):
-                ci = v.get("ci") or ([v["lower"], v["upper"]] if "lower" in v and "upper" in v else None)
-                out[key] = (v.get("value"), ci)
-            elif v is not None:
-                out[key] = (v, src.get(f"{key}_ci"))
-        per_class = src.get("per_class") or {}
-        out["per_class"] = per_class if isinstance(per_class, dict) else {}
-        keys = ("min_delta", "tolerance", "tolerance_min_images", "n_val", "seeds", "bootstrap", "regressions",
-                "gate_enabled", "would_accept")
-        out["details"] = {k: src[k] for k in keys if k in src}
-        return out
+        """A round's gate decision in the shape the page draws, from its typed `GateDecision`."""
+        rec = self.records.get(r)
+        return gate_view(rec.gate) if rec is not None and rec.gate is not None else {}
+
+
+def gate_view(dec: GateDecision) -> dict:
+    out: dict[str, Any] = {"decision": dec.decision, "reason": dec.reason, "metric": dec.metric}
+    for key in ("before", "after", "delta"):
+        est = getattr(dec, key)
+        out[key] = (est.value, est.ci)
+    out["per_class"] = dec.per_class if isinstance(dec.per_class, dict) else {}
+    out["details"] = {"min_delta": dec.min_delta, "margin": dec.margin, "admit": dec.admit,
+                      "tolerance": dec.checks.get("recall", {}).get("tolerance"),
+                      "tolerance_min_images": dec.checks.get("recall", {}).get("tolerance_min_images"),
+                      "f1": dec.checks.get("macro_f1", {}), "n_judge": dec.n_judge, "n_select": dec.n_select,
+                      "seeds": dec.seeds, "looks": [dataclasses.asdict(look) for look in dec.looks],
+                      "method": dec.delta.method, "superiority": dec.superiority,
+                      "non_inferiority": dec.non_inferiority, "regressions": dec.regressions,
+                      "gate_enabled": dec.gate_enabled, "would_accept": dec.would_accept,
+                      "calibration": dec.calibration}
+    return out
 
 
 # ---------------------------------------------------------------------------------------- sections
@@ -146,9 +146,14 @@ def section_data(run: RunView) -> str:
         per_class = {}
         for row in run.splits:
             per_class.setdefault(row.get("class", "?"), Counter())[row.get("split", "?")] += 1
+    skipped = ds.get("skipped_images")
+    if skipped is None:  # a run without summary.json yet: count the record itself
+        skipped = len(load_csv(run.dir / "skipped_images.csv") or [])
+    left_out = (f" · <b>{esc(skipped)}</b> image file(s) left out (bad, or duplicates; listed with the reason "
+                "in skipped_images.csv)") if skipped else ""
     parts = [f'<p><b>Dataset</b> {esc(ds.get("name") or (run.config.get("data") or {}).get("source") or "unknown")}'
              f' · <b>{len(run.classes)}</b> classes · <b>{esc(ds.get("n_images", len(run.splits) or "?"))}</b>'
-             " real images, split once into train / val / test.</p>"]
+             f" real images, split once into train / val / test{left_out}.</p>"]
     if per_class:
         splits = ("train", "val", "test")
         rows = [[c, *[(per_class[c] or {}).get(s, 0) for s in splits]] for c in per_class]
@@ -180,8 +185,15 @@ def section_test(run: RunView) -> str:
                              ("macro_f1", "macro-F1"))]
     parts = [f'<p class="note">The <b>test</b> split is evaluated once, at the end, for this report; it never '
              f"drove a decision (gate and diagnosis use <b>val</b>). events.jsonl records {n_reads} test "
-             "evaluation(s). Intervals: 95% bootstrap.</p>",
+             f"evaluation(s). Intervals: {esc(run.test.get('ci_method') or 'bootstrap over test images')}.</p>",
              table(["metric", "baseline (round-0 model)", "final model", "Δ"], rows, "num")]
+    effect = run.test.get("synthetic_effect")
+    if effect:
+        e_rows = [[m, with_ci(e.get("delta"), e.get("ci")), esc(e.get("method", ""))]
+                  for m, e in effect.items() if isinstance(e, dict)]
+        parts += [f"<h3>The accepted pool's own effect on test (round {effect.get('round')}'s paired gate models, "
+                  f"{effect.get('seeds')} seeds)</h3>", table(["metric", "Δ candidate − baseline [interval]", "method"],
+                                                              e_rows, "num")]
     pc_rows = []
     for c in run.classes or sorted(set(base.get("per_class", {})) | set(final.get("per_class", {}))):
         b, f = (base.get("per_class") or {}).get(c, {}), (final.get("per_class") or {}).get(c, {})
@@ -270,27 +282,20 @@ def section_recall(run: RunView) -> str:
 
 
 def section_rounds(run: RunView) -> str:
-    synth = [r for r in run.rounds if r > 0]
-    if not synth:
+    if not run.records:
         return na("synthetic rounds (the run stopped after round 00)")
     overview, cards = [], []
-    for r in synth:
-        s = run.summary_rounds.get(r, {})
-        scores = load_csv(run.round_dir(r) / "filter" / "scores.csv")
-        manifest = manifest_rows(run.round_dir(r))
-        generated = s.get("generated", len(manifest) if manifest else "–")
-        rejected = s.get("rejected_by_filter")
-        if rejected is None and scores is not None:
-            rejected = Counter(row.get("reason", "") for row in scores if not accepted(row))
-        accepted_n = s.get("accepted_by_filter", sum(map(accepted, scores)) if scores is not None else "–")
+    for r, rec in sorted(run.records.items()):
+        entry = rec.summary()  # the very numbers summary.json holds
+        rejected = entry.get("rejected_by_filter") or {}
         g = run.gate(r)
-        overview.append([f"{r:02d}", generated, accepted_n,
-                         ", ".join(f"{k} {v}" for k, v in (rejected or {}).items() if v) or "–",
+        overview.append([f"{r:02d}", entry["generated"] if rec.manifest is not None else "–",
+                         entry.get("accepted_by_filter", "–"),
+                         ", ".join(f"{k} {v}" for k, v in rejected.items() if v) or "–",
                          decision_badge(g.get("decision"))])
         cards.append(gate_card(r, g))
     return "".join([table(["round", "generated", "accepted by filter", "rejected by filter", "gate"], overview),
                     "<h3>The gate's decision per round</h3>", *cards])
-
 
 
 def _allowed_drop(value: Any) -> str:
@@ -311,13 +316,17 @@ def gate_card(r: int, g: dict) -> str:
                 _allowed_drop(v.get("allowed")), v.get("support", "–")]
                if isinstance(v, dict) else [c, "–", "–", delta(0, v), "–", "–"]
                for c, v in pc.items()]
-    boot = d.get("bootstrap") if isinstance(d.get("bootstrap"), dict) else {}
-    rule = (f"Accept when the lower end of the Δ interval is above {num(d.get('min_delta'))} and no class's recall "
-            f"drops by more than {num(d.get('tolerance'))}"
-            + (f" or {d['tolerance_min_images']} val image(s) of the class, whichever is larger"
-               if d.get("tolerance_min_images") else "")
-            + f". {d.get('n_val', '?')} val images, "
-            f"{len(d.get('seeds') or [0])} seed(s) a side, {boot.get('n_bootstrap', '?')} paired bootstrap resamples.")
+    f1 = d.get("f1") or {}
+    looks = ", ".join(f"{look['n_seeds']} seeds: {look['outcome']}" for look in d.get("looks") or [])
+    rule = (f"Admit by {d.get('admit', '?')}: the lower end of the {metric} improvement above "
+            + (f"{num(d.get('min_delta'))}" if d.get("admit") == "superiority" else f"-{num(d.get('margin'))}")
+            + f"; does it help: {'yes' if d.get('superiority') else 'not shown'}; does it harm: "
+            f"{'no' if d.get('non_inferiority') else 'not excluded'} (margin {num(d.get('margin'))}). "
+            f"Checks: macro-F1 Δ {num(f1.get('delta'))} (at most {num(f1.get('margin'))} worse), no class's recall "
+            f"down by more than {num(d.get('tolerance'))}"
+            + (f" or {d['tolerance_min_images']} judging image(s) of the class" if d.get("tolerance_min_images") else "")
+            + f". Judged on {d.get('n_judge', '?')} val images (calibrated on the other {d.get('n_select', '?')}); "
+            f"looks: {looks}. Interval: {d.get('method', '')}. Calibration: {d.get('calibration', '')}.")
     off = ""
     if d.get("gate_enabled") is False:
         off = (f'<p class="badge warn">The gate was switched off (ablation): the round was accepted; the gate '
@@ -326,7 +335,7 @@ def gate_card(r: int, g: dict) -> str:
                       ["weak" if c in regressions else "" for c in pc]) if pc_rows else na("per-class recall"))
     return (f'<div class="card"><h4>Round {r:02d} {decision_badge(g.get("decision"))}</h4>{off}'
             f'<p>{esc(g.get("reason") or "no reason recorded")}</p><div class="pair">'
-            f'<div>{table(["val", "value [95% CI]"], rows, "num")}<p class="small">{esc(rule) if d else ""}</p></div>'
+            f'<div>{table(["val (judging images)", "value [interval]"], rows, "num")}<p class="small">{esc(rule) if d else ""}</p></div>'
             f"<div>{pc_table}</div></div></div>")
 
 
@@ -381,57 +390,40 @@ def n_items(value: Any) -> int:
     return len([v for v in str(value or "").split(";") if v.strip()])
 
 
-def accepted(row: dict[str, str]) -> bool:
-    return str(row.get("decision", "")).lower().startswith("acc")
-
-
-def manifest_rows(round_dir: Path) -> list[dict]:
-    rows = []
-    try:
-        for line in (round_dir / "generate" / "manifest.jsonl").read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rows.append(json.loads(line))
-    except (OSError, ValueError):
-        return rows
-    return rows
-
-
 def section_galleries(run: RunView) -> str:
-    synth = [r for r in run.rounds if r > 0]
-    if not synth:
+    if not run.records:
         return na("synthetic images (no round generated any)")
     parts = []
-    for r in synth:
+    for r, rec in sorted(run.records.items()):
         rd = run.round_dir(r)
-        manifest = manifest_rows(rd)
-        paths = {m.get("id"): rd / "generate" / str(m.get("path", "")) for m in manifest}
-        scores = load_csv(rd / "filter" / "scores.csv")
-        made = Counter(f"{m.get('preset')}/{m.get('mode')}" for m in manifest)
+        manifest = rec.manifest or []
+        paths = {m.id: rd / "generate" / m.path for m in manifest}
+        made = Counter(f"{m.preset}/{m.mode}" for m in manifest)
         parts.append(f"<h3>Round {r:02d}</h3><p>{len(manifest)} images generated (preset/mode: "
                      f"{esc(', '.join(f'{k} × {v}' for k, v in made.items()) or '–')}).</p>")
-        if scores is None:
-            rows = [{"id": m.get("id"), "class": m.get("class_index")} for m in manifest]
+        if rec.filter is None:
+            rows = [{"id": m.id, "class": m.class_index} for m in manifest]
             parts.append(na("filter decisions (filter/scores.csv missing): the generated images are shown"))
             parts.append(gallery("generated", rows, run, rd, paths) if rows else na("generated images"))
             continue
         if run.gate(r).get("decision") == "rejected":
             parts.append('<p class="note">The gate rejected this round: even the images the filter accepted '
                          "were not used for training.</p>")
-        plain = [x for x in scores if not truthy(x.get("overridden"))]
-        groups = {"accepted": [x for x in plain if accepted(x)]}
-        rejected = [x for x in plain if not accepted(x)]
+        scores = rec.filter.rows
+        plain = [x for x in scores if not x.get("overridden")]
+        groups = {"accepted": [x for x in plain if FilterResult.is_accepted(x)]}
+        rejected = [x for x in plain if not FilterResult.is_accepted(x)]
         for reason in sorted({x.get("reason") or "unspecified" for x in rejected},
                              key=lambda k: (REASON_ORDER.index(k) if k in REASON_ORDER else 99, k)):
             groups[f"rejected: {reason}"] = [x for x in rejected if (x.get("reason") or "unspecified") == reason]
-        groups["human review overrides"] = [x for x in scores if truthy(x.get("overridden"))]
+        groups["human review overrides"] = [x for x in scores if x.get("overridden")]
         parts.append('<div class="groups">' + "".join(gallery(title, rows, run, rd, paths)
                                                       for title, rows in groups.items()
                                                       if rows or title == "accepted") + "</div>")
-        meta = load_dict(rd / "filter" / "filter.json")
-        if meta.get("review_refused_ids"):
-            parts.append(f'<p class="note">A reviewer\'s "accept" was refused for {len(meta["review_refused_ids"])}'
+        if rec.filter.review_refused_ids:
+            parts.append(f'<p class="note">A reviewer\'s "accept" was refused for {len(rec.filter.review_refused_ids)}'
                          " image(s) that leak an evaluation image.</p>")
-        parts.append(closest_real_table(meta.get("closest_real")))
+        parts.append(closest_real_table(rec.filter.closest_real))
     return "".join(parts)
 
 
@@ -466,8 +458,8 @@ def gallery(title: str, rows: list[dict], run: RunView, round_dir: Path, paths: 
         path = paths.get(sid) or round_dir / "generate" / "images" / f"{sid}.png"
         data = image_bytes(path, THUMB_PX) if path.is_file() else None
         caption = class_name(run, row.get("class"))
-        if truthy(row.get("overridden")):
-            caption += (f" · accepted by a reviewer (filter: {row.get('reason') or '–'})" if accepted(row)
+        if row.get("overridden"):
+            caption += (f" · accepted by a reviewer (filter: {row.get('reason') or '–'})" if FilterResult.is_accepted(row)
                         else " · rejected by a reviewer (the filter had accepted it)")
         tip = f"{sid}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("id", "class", "overridden"))
         figs.append(f"<figure>{img(data, sid, 'thumb', tip) if data else na('image')}"
@@ -497,7 +489,7 @@ SECTIONS = (("data", "Data", section_data), ("test", "Test results", section_tes
 def header(run: RunView) -> str:
     base = (run.test.get("baseline") or {}).get("macro_f1")
     final = (run.test.get("final") or {}).get("macro_f1")
-    gates = [run.gate(r).get("decision") for r in run.rounds if r > 0]
+    gates = [run.gate(r).get("decision") for r in run.records]
     kpis = [("test macro-F1, baseline → final", f"{num(base)} → {num(final)}"),
             ("rounds accepted / rejected", f"{gates.count('accepted')} / {gates.count('rejected')}"),
             ("synthetic in val/test", num(run.summary.get("synthetic_in_eval_splits",

@@ -1,8 +1,12 @@
-"""The run directory: creation, the lock, atomic files, stage folders and the event log.
+"""The run directory: creation, the lock, atomic files, stage folders, the event log, and the split's record.
 
 A stage writes into `<stage>.tmp/` and is renamed to `<stage>/` when complete, so a folder without
 the suffix is always whole. Stages that can resume their own work (training, generation) are
 handed their `.tmp` folder back after a crash; the others start it afresh.
+
+`splits.csv` is written with its sha256 in `splits.sha256` (`write_splits_record`), and every later
+process checks it before any work (`check_splits_record`): an edited split is an
+`EvaluationInvariantError`, since the split decides what `test` is.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import errno
+import hashlib
 import json
 import os
 import platform
@@ -20,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vision_si.errors import RunDirError
+from vision_si.errors import EvaluationInvariantError, RunDirError
 
 
 def new_run_dir(output_dir: str | Path, name: str) -> Path:
@@ -38,8 +43,11 @@ def new_run_dir(output_dir: str | Path, name: str) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader (or a kill) only ever sees the old file or the whole new one:
+    the one home of atomic files. `<name>.tmp` beside it is fsync'd, then renamed over `path`; a `.tmp`
+    left by a kill is overwritten when the file is written again."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp")
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -96,39 +104,76 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-class RunLock:
-    """An exclusive lock file; a second process on the same run directory refuses to start."""
+class PidLock:
+    """A lock file holding its owner's pid: the one pid-file lock of the package.
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / "lock"
+    `try_acquire` creates the file exclusively and writes the pid; when the file exists, its holder
+    keeps it while its process lives, and a lock left by a process that is gone (or an empty file
+    older than `EMPTY_GRACE_S`: killed between creating and writing it) is stale and taken over.
+    """
+
+    EMPTY_GRACE_S = 10.0  # an empty lock file younger than this is being written by its owner
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
         self._held = False
 
-    def acquire(self) -> RunLock:
+    def holder(self) -> int | None:
+        """The pid holding the lock (0: being written right now), or None when it is free or stale."""
+        try:
+            text = self.path.read_text().strip()
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError):
+            return None
+        if not text:
+            return 0 if age < self.EMPTY_GRACE_S else None
+        try:
+            pid = int(text)
+        except ValueError:
+            return None
+        return pid if pid > 0 and pid != os.getpid() and pid_alive(pid) else None
+
+    def try_acquire(self) -> int | None:
+        """Take the lock and return None, or return the pid of the live process holding it."""
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and pid_alive(pid):
-                    raise RunDirError(f"run directory '{self.path.parent}' is in use by process {pid} "
-                                      f"(lock file {self.path}); wait for it or stop it") from None
+                pid = self.holder()
+                if pid is not None:
+                    return pid
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
-            except OSError as exc:
-                raise RunDirError(f"cannot lock run directory '{self.path.parent}': {exc.strerror}") from None
             with os.fdopen(fd, "w") as fh:
                 fh.write(str(os.getpid()))
             self._held = True
-            return self
-        raise RunDirError(f"could not take the lock {self.path}")
+            return None
+        pid = self.holder()
+        return pid if pid is not None else 0
 
     def release(self) -> None:
         if self._held:
             self.path.unlink(missing_ok=True)
             self._held = False
+
+
+class RunLock(PidLock):
+    """The run directory's `lock`; a second process on the same run directory refuses to start."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(Path(run_dir) / "lock")
+
+    def acquire(self) -> RunLock:
+        try:
+            pid = self.try_acquire()
+        except OSError as exc:
+            raise RunDirError(f"cannot lock run directory '{self.path.parent}': {exc.strerror}") from None
+        if pid is not None:
+            raise RunDirError(f"run directory '{self.path.parent}' is in use by process {pid} "
+                              f"(lock file {self.path}); wait for it or stop it")
+        return self
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -191,15 +236,71 @@ def stage_dir(run_dir: Path, stage: str, *, keep_partial: bool = False) -> Itera
     os.replace(tmp, final)
 
 
-def environment_info(seed: int, device: str) -> dict[str, Any]:
+SPLITS_FILE = "splits.csv"
+SPLITS_DIGEST = "splits.sha256"  # sha256 of splits.csv as the run made it, in `sha256sum` format
+
+
+def write_splits_record(run_dir: Path, text: str) -> None:
+    """Write `splits.csv` and its digest; the digest goes first, so a kill between the two leaves a
+    digest without a file (the split is remade, and must match it), never a file without a digest."""
+    run_dir = Path(run_dir)
+    recorded = _recorded_splits_digest(run_dir)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if recorded is not None and recorded != digest:
+        raise EvaluationInvariantError(
+            f"{run_dir / SPLITS_FILE}: is missing, and the split made again from the data differs from the one "
+            f"this run recorded in {SPLITS_DIGEST} (sha256 {digest[:12]}…, recorded {recorded[:12]}…); "
+            "the data or the split settings changed, so the run is stopped")
+    atomic_write_text(run_dir / SPLITS_DIGEST, f"{digest}  {SPLITS_FILE}\n")
+    atomic_write_text(run_dir / SPLITS_FILE, text)
+
+
+def _recorded_splits_digest(run_dir: Path) -> str | None:
+    path = Path(run_dir) / SPLITS_DIGEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EvaluationInvariantError(f"{path}: cannot read the recorded digest of {SPLITS_FILE} ({exc}); "
+                                       "the run is stopped") from None
+    digest = text.split()[0] if text.split() else ""
+    if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
+        raise EvaluationInvariantError(f"{path}: not a sha256 digest of {SPLITS_FILE}; the run is stopped")
+    return digest
+
+
+def check_splits_record(run_dir: Path) -> bool:
+    """Whether the run has its `splits.csv`; when it has, the file must still have the digest recorded
+    when the run made it. Any edit (a row moved between splits, a row added or removed) is an
+    `EvaluationInvariantError` naming the file: the split decides what `test` is."""
+    run_dir = Path(run_dir)
+    path = run_dir / SPLITS_FILE
+    if not path.exists():
+        return False
+    recorded = _recorded_splits_digest(run_dir)
+    if recorded is None:
+        raise EvaluationInvariantError(f"{path}: its digest ({SPLITS_DIGEST}, written when the run made the split) "
+                                       "is missing, so the split cannot be verified; the run is stopped")
+    try:
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise RunDirError(f"cannot read '{path}': {exc.strerror}") from None
+    if actual != recorded:
+        raise EvaluationInvariantError(
+            f"{path}: changed since the run made it (sha256 {actual[:12]}…, recorded {recorded[:12]}… in "
+            f"{SPLITS_DIGEST}); the split decides what val and test are, so the run is stopped")
+    return True
+
+
+def environment_info(seed: int, device: str, version: str) -> dict[str, Any]:
+    """env.json: `version` (vision_si's), Python, platform, the main libraries' versions, device, seed, argv."""
     versions = {}
     for mod in ("torch", "torchvision", "timm", "diffusers", "albumentations", "sklearn", "numpy", "PIL"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - an optional module missing is not an error here
             versions[mod] = None
-    from vision_si import __version__
-
-    return {"vision_si": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+    return {"vision_si": version, "python": sys.version.split()[0], "platform": platform.platform(),
             "versions": versions, "device": device, "seed": seed, "argv": sys.argv,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}

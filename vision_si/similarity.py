@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.neighbors import NearestNeighbors
 
+from vision_si.data.arrays import check_images
 from vision_si.errors import DataError
 
 _EPS = 1e-8
@@ -38,18 +39,9 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return np.where(norm > _EPS, x / np.maximum(norm, _EPS), 0.0).astype(np.float32)
 
 
-def check_images(images: np.ndarray, name: str) -> np.ndarray:
-    x = np.asarray(images)
-    if x.ndim != 4:
-        raise DataError(f"{name}: expected images shaped N×C×H×W, got shape {x.shape}")
-    if x.shape[0] and not np.isfinite(x).all():
-        raise DataError(f"{name}: images contain NaN or infinite values")
-    return x.astype(np.float32, copy=False)
-
-
 def pixel_vectors(images: np.ndarray, size: int = 16, *, gray: bool = False, chunk: int = 4096) -> np.ndarray:
     """Unit vectors whose dot product is the Pearson correlation of the `size`-pooled images."""
-    x = check_images(images, "images")
+    x, _ = check_images(np.asarray(images), "images", unit_range=False)
     n = x.shape[0]
     c = 1 if gray else x.shape[1]
     out = np.zeros((n, c * size * size), np.float32)

@@ -28,6 +28,7 @@ bombs), as are files that PIL itself flags as bombs. Empty, truncated and non-im
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -67,7 +68,11 @@ def open_image(data: bytes, name: str) -> Image.Image:
                                 "(refused as a possible decompression bomb)")
             im.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise DataError(f"{name}: refused as a possible decompression bomb ({exc})") from None
+            # PIL checks its own, larger limit while opening; the message quotes the one documented here
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"{found.group(1)} pixels" if found else "its size"
+            raise DataError(f"{name}: {size} is above the limit of {MAX_PIXELS} pixels "
+                            "(refused as a possible decompression bomb)") from None
         except UnidentifiedImageError:
             raise DataError(f"{name}: not an image PIL can read (unknown or corrupt format)") from None
         except DataError:

@@ -4,16 +4,16 @@
 (`DataConfig.channels`, else the data's own), resizes them (`DataConfig.resize`) and caches each
 result as one `.npy` under `DataConfig.cache_dir`. The cache key is the image's sha256 plus
 everything that changes the pixels (size, channels, resize policy, alpha policy, and a format
-version; the DICOM window when it is not the default), so two runs or two datasets that share an image share its entry, and an edited file gets
-a new one. Writes are atomic (a temporary file renamed into place), so a killed run never leaves a
+version; the DICOM window when it is not the default), so two runs or two datasets that share an image
+share its entry, and an edited file gets a new one. Writes are atomic (`rundir.atomic_write_bytes`), so a
+killed run never leaves a
 half-written entry. In-memory sources (digits, medmnist) skip the disk cache: their pixels are
 already decoded. An empty `cache_dir` turns the cache off.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from vision_si.config import DataConfig, DicomConfig
 from vision_si.data.decode import convert_channels, decode_image, resize_image
 from vision_si.data.table import SampleTable
+from vision_si.rundir import atomic_write_bytes
 
 CACHE_VERSION = 1  # bump when decoding or resizing changes, so old cache entries are not reused
 
@@ -48,16 +49,11 @@ def _read_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     return arr if arr.shape == shape and arr.dtype == np.float32 else None
 
 
-def _write_atomic(path: Path, arr: np.ndarray) -> None:
+def _write_cached(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def run_channels(table: SampleTable, cfg: DataConfig) -> int:
@@ -88,7 +84,7 @@ def load_images(table: SampleTable, indices: Sequence[int] | np.ndarray, cfg: Da
                 continue
         out[n] = _prepare(table.load(i), cfg, channels)
         if path is not None:
-            _write_atomic(path, out[n])
+            _write_cached(path, out[n])
     return out
 
 
@@ -96,12 +92,15 @@ def load_image_files(paths: Sequence[str | Path], cfg: DataConfig, channels: int
     """Image files (e.g. synthetic PNGs read back from a run) → N×C×H×W float32, same policy as
     `load_images`; `channels` defaults to `cfg.channels`, else each file's own (then all must agree)."""
     channels = channels if channels is not None else cfg.channels
-    arrays = []
-    for p in paths:
-        arr = decode_image(p, channels, cfg.alpha)
-        arrays.append(_prepare(arr, cfg, arr.shape[2]))
-    if not arrays:
+    return stack_images([decode_image(p, channels, cfg.alpha) for p in paths], cfg, channels)
+
+
+def stack_images(arrays: Sequence[np.ndarray], cfg: DataConfig, channels: int | None = None) -> np.ndarray:
+    """Decoded H×W×C images → N×C×H×W float32 at the configured size (each keeps its decoded channels,
+    which must agree)."""
+    out = [_prepare(arr, cfg, arr.shape[2]) for arr in arrays]
+    if not out:
         return np.zeros((0, channels or 1, cfg.image_size, cfg.image_size), dtype=np.float32)
-    if len({a.shape for a in arrays}) != 1:
+    if len({a.shape for a in out}) != 1:
         raise ValueError("files decode to different channel counts; pass channels=1 or channels=3")
-    return np.stack(arrays)
+    return np.stack(out)

@@ -12,6 +12,8 @@
 - `load_medmnist`: an official MedMNIST `.npz`; its own train/val/test split is kept in
   `source_splits`. Class names are the label numbers (`"0"`, `"1"`, ...), as in the file.
 - `load_digits`: scikit-learn's bundled 8×8 digits scaled to [0, 1], for tiny tests.
+- `load_unlabelled`: a folder of images without labels (`data.unlabelled`), read only by the
+  self-supervised pretraining; copies of val/test images are left out before decoding.
 
 See `vision_si/data/files.py` for the checks every file-backed source runs.
 """
@@ -23,14 +25,24 @@ import hashlib
 import importlib.util
 import os
 import zipfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from vision_si.config import DataConfig, DicomConfig, resolve_path
 from vision_si.data.decode import IMAGE_EXTENSIONS
-from vision_si.data.files import BadImages, FileRecord, cap_per_class, drop_duplicates, table_from_files
+from vision_si.data.files import (
+    BadImages,
+    FileLoader,
+    FileRecord,
+    cap_per_class,
+    drop_duplicates,
+    sha256_file,
+    table_from_files,
+)
 from vision_si.data.table import SampleTable
 from vision_si.errors import DataError
 
@@ -96,6 +108,43 @@ def load_imagefolder(root: str | Path, *, alpha: str = "composite_black", on_bad
         raise DataError(f"{root}: no images in any class folder")
     return table_from_files(records, classes, name=root.name, alpha=alpha, on_bad_image=on_bad_image,
                             max_per_class=max_per_class, seed=seed, progress=progress, bad=bad, dicom=dicom)
+
+
+UNLABELLED_CLASS = "unlabelled"  # the one pseudo-class of an unlabelled table; its labels mean nothing
+
+
+def load_unlabelled(root: str | Path, *, alpha: str = "composite_black", on_bad_image: str = "error",
+                    progress: bool = True, dicom: DicomConfig | None = None,
+                    exclude_sha256: Collection[str] = ()) -> tuple[SampleTable, list[dict[str, str]]]:
+    """`data.unlabelled`: every image below `root` (any depth, hidden files skipped) as a table with
+    one pseudo-class, ids `unlabelled:<path relative to root>`, for the self-supervised pretraining.
+
+    Files whose sha256 is in `exclude_sha256` (the run's val/test images) are left out after hashing
+    and before any decoding; they come back as `(table, excluded)` with `id`, `path` and `sha256`.
+    Bad images follow `on_bad_image`, as in every source.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.unlabelled: '{root}' is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not _is_hidden(p.relative_to(root)) and p.is_file())
+    hashes = [sha256_file(p) for p in tqdm(files, desc="unlabelled: hashing", disable=not progress)]
+    forbidden = set(exclude_sha256)
+    records, kept, excluded = [], [], []
+    for p, h in zip(files, hashes, strict=True):
+        rid = f"unlabelled:{p.relative_to(root).as_posix()}"
+        if h in forbidden:
+            excluded.append({"id": rid, "path": str(p), "sha256": h})
+            continue
+        records.append(FileRecord(id=rid, path=p, label=UNLABELLED_CLASS, where=str(p)))
+        kept.append(h)
+    if not records:
+        empty = SampleTable(ids=[], labels=np.zeros(0, np.int64), classes=[UNLABELLED_CLASS], sources=[], sha256=[],
+                            groups=[], metadata=[], loader=FileLoader((), alpha, dicom), name="unlabelled", channels=1)
+        return empty, excluded
+    table = table_from_files(records, [UNLABELLED_CLASS], name="unlabelled", alpha=alpha, on_bad_image=on_bad_image,
+                             progress=progress, dicom=dicom, hashes=kept)
+    return table, excluded
 
 
 def sort_class_names(names: set[str]) -> list[str]:

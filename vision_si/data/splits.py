@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -153,9 +152,9 @@ def make_splits(table: SampleTable, split_cfg: SplitConfig, seed: int) -> np.nda
     return splits
 
 
-def write_splits_csv(table: SampleTable, splits: np.ndarray, path: str | Path,
-                     groups: Sequence[str | None] | None = None) -> None:
-    """`id,source,sha256,class,group,split`, one row per image in table order; written atomically."""
+def splits_csv_text(table: SampleTable, splits: np.ndarray,
+                    groups: Sequence[str | None] | None = None) -> str:
+    """The text of `splits.csv`: `id,source,sha256,class,group,split`, one row per image in table order."""
     if len(splits) != len(table):
         raise ValueError(f"{len(splits)} split labels for {len(table)} samples")
     groups = table.groups if groups is None else groups
@@ -165,10 +164,15 @@ def write_splits_csv(table: SampleTable, splits: np.ndarray, path: str | Path,
     for i in range(len(table)):
         writer.writerow([table.ids[i], table.sources[i], table.sha256[i], table.classes[table.labels[i]],
                          "" if groups[i] is None else groups[i], str(splits[i])])
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue(), encoding="utf-8", newline="")
-    os.replace(tmp, path)
+    return buf.getvalue()
+
+
+def write_splits_csv(table: SampleTable, splits: np.ndarray, path: str | Path,
+                     groups: Sequence[str | None] | None = None) -> None:
+    """`splits_csv_text` written to `path` atomically (a run writes it with its digest: `rundir.write_splits_record`)."""
+    from vision_si.rundir import atomic_write_text
+
+    atomic_write_text(Path(path), splits_csv_text(table, splits, groups))
 
 
 def read_splits_csv(path: str | Path, table: SampleTable | None = None) -> list[dict[str, str]] | np.ndarray:
@@ -204,3 +208,26 @@ def align_splits(table: SampleTable, rows: Sequence[dict[str, str]], path: str |
             raise DataError(f"{path}: image '{id_}' has different bytes now (sha256 changed)")
         out[i] = by_id[id_]["split"]
     return out
+
+
+def judge_split(labels: np.ndarray, judge_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of `val` that select (exemplars, thresholds, calibration) and that judge (the gate).
+
+    Per class, `judge_fraction × n` images (rounded half up) judge and the rest select, drawn by `seed`;
+    a class with at least two images keeps at least one on each side, a class with one image judges it. The images that chose what the round
+    made are therefore never the ones that decide whether it joins training.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not 0 < judge_fraction < 1:
+        raise ValueError(f"judge_fraction must be between 0 and 1, got {judge_fraction}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
+    judge = []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        n = int(np.floor(judge_fraction * len(rows) + 0.5))  # half up: a class's only val image judges
+        if len(rows) >= 2:
+            n = min(max(n, 1), len(rows) - 1)
+        judge.append(rows[:n])
+    judge_idx = np.sort(np.concatenate(judge)) if judge else np.zeros(0, np.int64)
+    select_idx = np.setdiff1d(np.arange(len(labels)), judge_idx)
+    return select_idx, judge_idx

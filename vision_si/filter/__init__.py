@@ -56,8 +56,8 @@ candidate a human accepts is accepted (its reason kept, `overridden` true), an a
 human rejects is rejected with reason `human_review`; a `leak` is never overridden.
 
 Modules: `base` (inputs, `CandidateFilter`, the registry), `quality` (fidelity, informativeness,
-realism), `near_copy` (memorisation, leakage, duplicate), `decide` (`filter_candidates`,
-`score_with_models`), `result` (`FilterResult`), `reviews` (`read_reviews`, `reviews_pending`). Importing this package
+realism), `near_copy` (memorisation, leakage, duplicate), `decide` (`filter_candidates`), `result`
+(`FilterResult`), `reviews` (`read_reviews`, `reviews_pending`). Importing this package
 registers every filter; all public names are imported from here.
 """
 
@@ -72,18 +72,20 @@ from vision_si.filter.base import (
     REASONS,
     CandidateFilter,
     Candidates,
+    ModelOutputs,
     RealReference,
     create_filter,
     register_filter,
 )
-from vision_si.filter.decide import QUANTILES, filter_candidates, score_with_models
+from vision_si.filter.decide import QUANTILES, filter_candidates
 from vision_si.filter.near_copy import DuplicateFilter, LeakageFilter, MemorisationFilter
-from vision_si.filter.result import FilterResult
+from vision_si.filter.result import ACCEPTED, REJECTED, FilterResult
 from vision_si.filter.reviews import read_reviews, reviews_pending
 
 __all__ = [
     "PRIORITY", "REASONS", "HUMAN_REJECT", "QUANTILES", "BASELINE_SAMPLES",
     "Candidates", "RealReference", "FILTERS", "register_filter", "create_filter", "CandidateFilter",
     "FidelityFilter", "InformativenessFilter", "RealismFilter", "MemorisationFilter", "LeakageFilter",
-    "DuplicateFilter", "FilterResult", "read_reviews", "reviews_pending", "filter_candidates", "score_with_models",
+    "DuplicateFilter", "FilterResult", "ACCEPTED", "REJECTED", "ModelOutputs", "read_reviews", "reviews_pending",
+    "filter_candidates",
 ]

@@ -16,15 +16,34 @@ from typing import Any, ClassVar
 import numpy as np
 from sklearn.exceptions import NotFittedError
 
-from vision_si.config import FilterConfig
+from vision_si.config import FILTER_PRIORITY, FilterConfig
 from vision_si.errors import InputError
 from vision_si.similarity import max_similarity
 
-PRIORITY = ("leakage", "memorisation", "fidelity", "realism", "duplicate", "informativeness")
+PRIORITY = FILTER_PRIORITY  # one list, kept in vision_si.config so that config validation can read it
 REASONS = {"leakage": "leak", "memorisation": "memorised", "fidelity": "off_class", "realism": "unrealistic",
            "duplicate": "duplicate", "informativeness": "too_easy"}
 HUMAN_REJECT = "human_review"
 BASELINE_SAMPLES = 2000  # real train images whose nearest other real image sets the privacy baseline
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What the models say of each image set, row for row: `filter_candidates`' model inputs as plain arrays.
+
+    The frozen critic (trained on real data only, never the model being improved) gives probabilities
+    of the candidates and embeddings of every set; the current model gives its probabilities of the
+    candidates (informativeness). `val_probs`: the critic on real val (the first rows of the
+    evaluation set), needed only for `fidelity_percentile`.
+    """
+
+    candidate_probs: np.ndarray
+    candidate_emb: np.ndarray
+    current_probs: np.ndarray
+    train_emb: np.ndarray
+    eval_emb: np.ndarray
+    pool_emb: np.ndarray | None = None
+    val_probs: np.ndarray | None = None
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,8 @@ import numpy as np
 
 from vision_si.errors import RunDirError
 from vision_si.filter.base import PRIORITY, REASONS
+
+ACCEPTED, REJECTED = "accepted", "rejected"  # the two values of a row's `decision`
 
 
 def _column_kind(name: str) -> str:
@@ -32,6 +34,9 @@ class FilterResult:
     counts: dict[str, int]  # rejected candidates per reason (every reason listed)
     thresholds: dict[str, dict[str, Any]]  # per filter, the thresholds actually used
     enabled: list[str]  # filters that took part in the decision (leakage always)
+    # the pixel correlation at or above which the leakage filter called a candidate a copy of a val/test
+    # image (fixed or calibrated); the loop holds every pooled image to the threshold it passed
+    leak_pixel_threshold: float
     overridden_ids: list[str] = field(default_factory=list)
     review_refused_ids: list[str] = field(default_factory=list)  # human 'accept' on a leak: refused
     closest_real: dict[str, Any] = field(default_factory=dict)
@@ -47,6 +52,11 @@ class FilterResult:
 
     def rejected_counts(self) -> dict[str, int]:
         return dict(self.counts)
+
+    @staticmethod
+    def is_accepted(row: dict[str, Any]) -> bool:
+        """Whether a row of `rows` was accepted (after any human review)."""
+        return row["decision"] == ACCEPTED
 
     def reason_of(self, candidate_id: str) -> str:
         for r in self.rows:
@@ -75,6 +85,11 @@ class FilterResult:
 
         out = Path(out_dir)
         meta = read_json(out / "filter.json")
+        missing = [f.name for f in fields(cls) if f.name != "rows" and f.default is MISSING
+                   and f.default_factory is MISSING and f.name not in meta]
+        if missing or "columns" not in meta:
+            raise RunDirError(f"'{out / 'filter.json'}' lacks {', '.join(missing) or 'columns'}: it was written by "
+                              "another version of vision_si or edited; delete the round's filter folder to redo it")
         kinds = meta.pop("columns")
         meta.pop("n_candidates", None)
         path = out / "scores.csv"

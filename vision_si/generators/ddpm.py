@@ -14,7 +14,9 @@ set, so runs of several classifier seeds can share one generator); sampling sett
 of the key, so a new sampler or step count reuses the model. While training, a checkpoint is written
 every `checkpoint_every` steps to `cache_dir/<key>.partial/checkpoint/` (UNet via `save_pretrained`, EMA
 and AdamW state as safetensors + JSON, the data-order RNG state; no pickle), and a restarted fit
-continues from it to the same weights. A `<key>.lock` file keeps two processes from training the
+continues from it to the same weights; a checkpoint that cannot be read back (damaged, or a file
+replaced: nothing there is ever unpickled) is named in a warning, discarded, and training restarts
+from step 0, which reaches the same weights too. A `<key>.lock` file keeps two processes from training the
 same model at once: the second waits and then loads the first one's result.
 """
 
@@ -26,6 +28,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from vision_si.data.arrays import check_images
+from vision_si.devices import resolve_device
 from vision_si.errors import DataError
 from vision_si.generators.base import (
     MODES,
@@ -49,7 +54,7 @@ from vision_si.generators.base import (
     to_data_batch,
 )
 from vision_si.generators.pipeline import SAMPLERS, ClassConditionalPipeline, make_scheduler
-from vision_si.rundir import pid_alive
+from vision_si.rundir import PidLock
 
 UNET_DEFAULTS: dict[str, Any] = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention": False,
                                  "norm_num_groups": 16}
@@ -61,12 +66,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 SAMPLE_DEFAULTS: dict[str, Any] = {"sampler": "dpmsolver++", "steps": 15, "guidance_scale": 2.0}
 CACHE_VERSION = "vision_si-ddpm-1"
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
@@ -184,7 +183,7 @@ class DDPMGenerator(PipelineGenerator):
     def _train(self, images: np.ndarray, labels: np.ndarray, seed: int, workdir: Path | None, progress: bool,
                on_step: Callable[[int], None] | None) -> None:
         s = self.settings()
-        device = _device(self.device)
+        device = resolve_device(self.device, f"generator preset {self.name!r}: device")
         x = self._to_model(torch.from_numpy(images)) * 2 - 1
         with torch.random.fork_rng(devices=[]):  # weight init seeded without touching the caller's global RNG
             torch.manual_seed(seed)
@@ -200,7 +199,7 @@ class DDPMGenerator(PipelineGenerator):
 
     def _set_pipeline(self, pipe: ClassConditionalPipeline) -> None:
         pipe.set_sampler(self.settings()["sample"]["sampler"])
-        pipe.to(_device(self.device))
+        pipe.to(resolve_device(self.device, f"generator preset {self.name!r}: device"))
         pipe.unet.eval()
         if pipe.device.type == "cuda":
             pipe.unet.to(memory_format=torch.channels_last)
@@ -220,7 +219,9 @@ class DDPMGenerator(PipelineGenerator):
         diffusers_logging.disable_progress_bar()  # a two-component bar per load is noise beside the stage lines
         try:
             # low_cpu_mem_usage=False: a ~1 M-parameter model needs no accelerate (diffusers warns without it)
-            pipe = ClassConditionalPipeline.from_pretrained(folder / "pipeline", low_cpu_mem_usage=False)
+            # use_safetensors: a pickled `.bin` planted beside (or instead of) the weights is never read
+            pipe = ClassConditionalPipeline.from_pretrained(folder / "pipeline", low_cpu_mem_usage=False,
+                                                            use_safetensors=True)
         except Exception as exc:  # a damaged or foreign cache entry: safetensors/JSON parse errors, a refused pickle
             raise DataError(f"{folder / 'pipeline'}: cannot load the cached generator ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); delete '{folder}' to retrain it") from None
@@ -285,20 +286,14 @@ class DDPMGenerator(PipelineGenerator):
 
 
 def _check_training_data(images: Any, labels: Any, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[2] != images.shape[3]:
-        raise DataError(f"training images must be N×C×H×W (C 1 or 3, square), got shape {images.shape}")
-    if len(images) == 0:
-        raise DataError("no training images: the generator trains on the real training split")
-    images = np.ascontiguousarray(images, dtype=np.float32)
-    if float(images.min()) < 0 or float(images.max()) > 1:
-        raise DataError(f"training images must lie in [0, 1], got [{images.min():.3g}, {images.max():.3g}]")
-    labels = np.ascontiguousarray(np.asarray(labels, dtype=np.int64).reshape(-1))
-    if len(labels) != len(images):
-        raise DataError(f"{len(labels)} labels for {len(images)} training images")
-    if len(classes) < 1 or labels.min() < 0 or labels.max() >= len(classes):
-        raise DataError(f"labels must lie in 0..{len(classes) - 1} for classes {list(classes)}")
-    return images, labels
+    if len(classes) < 1:
+        raise DataError("classes: the generator needs at least one class")
+    images, labels = check_images(np.asarray(images), "generator training images", nonempty=True,
+                                  labels=np.asarray(labels, dtype=np.int64).reshape(-1), num_classes=len(classes))
+    if images.shape[1] not in (1, 3) or images.shape[2] != images.shape[3]:
+        raise DataError(f"generator training images: expected square images with 1 or 3 channels, got "
+                        f"C×H×W {images.shape[1:]}")
+    return np.ascontiguousarray(images), np.ascontiguousarray(labels)
 
 
 def cache_key(images: np.ndarray, labels: np.ndarray, classes: list[str], settings: dict[str, Any],
@@ -315,37 +310,18 @@ def cache_key(images: np.ndarray, labels: np.ndarray, classes: list[str], settin
 
 @contextlib.contextmanager
 def _training_lock(lock: Path, done_marker: Path, poll_s: float = 2.0):
-    """Exclusive right to train one cache key; a waiter returns as soon as the holder has finished."""
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            if done_marker.is_file() or not _holder_alive(lock):
-                with contextlib.suppress(FileNotFoundError):
-                    if not done_marker.is_file():
-                        lock.unlink()  # a stale lock from a process that died
-                if done_marker.is_file():
-                    yield
-                    return
-                continue
-            time.sleep(poll_s)
+    """Exclusive right to train one cache key (`rundir.PidLock`); a waiter returns as soon as the holder
+    has finished (`done_marker` exists), or takes the lock over when its holder died."""
+    held = PidLock(lock)
+    while held.try_acquire() is not None:
+        if done_marker.is_file():
+            yield
+            return
+        time.sleep(poll_s)
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
         yield
     finally:
-        lock.unlink(missing_ok=True)
-
-
-def _holder_alive(lock: Path) -> bool:
-    try:
-        pid = int(lock.read_text() or "0")
-    except (FileNotFoundError, ValueError):
-        return False
-    if pid <= 0:
-        return True  # written a moment ago; the pid follows
-    return pid_alive(pid)
+        held.release()
 
 
 # ---------------------------------------------------------------------- training loop
@@ -361,15 +337,31 @@ def train_unet(unet: UNet2DModel, x: torch.Tensor, y: torch.Tensor, n_classes: i
     """
     steps, batch = int(cfg["steps"]), int(cfg["batch_size"])
     sched = noise_schedule(cfg)
-    opt = torch.optim.AdamW(unet.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
-    ema = EMAModel(unet.parameters(), decay=float(cfg["ema_decay"]), use_ema_warmup=True, power=2 / 3,
-                   model_cls=UNet2DModel, model_config=unet.config)
-    gen = torch.Generator().manual_seed(int(seed))
+    initial = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+    def fresh_state() -> tuple[torch.optim.Optimizer, EMAModel, torch.Generator]:
+        unet.load_state_dict(initial)
+        opt = torch.optim.AdamW(unet.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+        ema = EMAModel(unet.parameters(), decay=float(cfg["ema_decay"]), use_ema_warmup=True, power=2 / 3,
+                       model_cls=UNet2DModel, model_config=unet.config)
+        return opt, ema, torch.Generator().manual_seed(int(seed))
+
+    opt, ema, gen = fresh_state()
     counts = torch.bincount(y, minlength=n_classes).float()
     draw_weights = counts[y] ** -float(cfg["class_balance"])  # 0: natural frequencies, 1: balanced classes
     null = torch.tensor(n_classes)
     ckpt = workdir / "checkpoint" if workdir is not None else None
-    start, losses = (_load_checkpoint(ckpt, unet, opt, ema, gen) if ckpt is not None else (0, []))
+    start, losses = 0, []
+    if ckpt is not None:
+        try:
+            start, losses = _load_checkpoint(ckpt, unet, opt, ema, gen)
+        except CorruptCheckpoint as exc:
+            # The partial state is a cache of this very training: retraining from step 0 gives the same
+            # weights (one seeded generator drives it), so a damaged checkpoint costs time, not results.
+            warnings.warn(f"{exc}; the partial generator training in '{ckpt.parent}' is discarded and "
+                          "restarts from step 0", stacklevel=2)
+            shutil.rmtree(ckpt.parent, ignore_errors=True)
+            opt, ema, gen = fresh_state()
     use_amp = device.type == "cuda"
     if use_amp:
         unet.to(memory_format=torch.channels_last)
@@ -450,24 +442,48 @@ def _save_checkpoint(folder: Path, unet: UNet2DModel, opt: torch.optim.Optimizer
     shutil.rmtree(old, ignore_errors=True)
 
 
+class CorruptCheckpoint(Exception):
+    """A partial training checkpoint that cannot be read back (damaged, replaced, or from other code)."""
+
+
+def _checked(path: Path, action: Callable[[], Any]) -> Any:
+    """`action()`, with any failure turned into a `CorruptCheckpoint` naming `path`."""
+    try:
+        return action()
+    except Exception as exc:  # noqa: BLE001 - safetensors, JSON, shape and key errors all mean "unusable"
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise CorruptCheckpoint(f"{path}: unreadable generator checkpoint ({type(exc).__name__}: {detail})") from None
+
+
 def _load_checkpoint(folder: Path, unet: UNet2DModel, opt: torch.optim.Optimizer, ema: EMAModel,
                      gen: torch.Generator) -> tuple[int, list[float]]:
+    """Restore a partial training. A file that cannot be read or applied is a `CorruptCheckpoint` naming
+    it; the caller then restarts from step 0 on fresh state (a failure can leave the objects half-loaded)."""
     if not (folder / "state.json").is_file():
         old = folder.with_name("checkpoint.old")  # a crash between the two renames of _save_checkpoint
         if not (old / "state.json").is_file():
             return 0, []
         folder = old
-    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    files = {"state": folder / "state.json", "unet": folder / "unet" / "diffusion_pytorch_model.safetensors",
+             "optimizer": folder / "optimizer.safetensors", "ema": folder / "ema_rng.safetensors"}
+    state = _checked(files["state"], lambda: json.loads(files["state"].read_text(encoding="utf-8")))
     device = next(unet.parameters()).device
-    weights = safetensors.torch.load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
-    unet.load_state_dict(weights)
-    tensors = safetensors.torch.load_file(folder / "optimizer.safetensors")
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        i, name = key.split(".", 1)
-        per_param.setdefault(int(i), {})[name] = value if name == "step" else value.to(device)
-    opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
-    shadow = safetensors.torch.load_file(folder / "ema_rng.safetensors")
-    gen.set_state(shadow.pop("rng"))
-    ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)].to(device) for i in range(len(shadow))]})
-    return int(state["step"]), list(state["losses"])
+    weights = _checked(files["unet"], lambda: safetensors.torch.load_file(files["unet"]))
+    tensors = _checked(files["optimizer"], lambda: safetensors.torch.load_file(files["optimizer"]))
+    shadow = _checked(files["ema"], lambda: safetensors.torch.load_file(files["ema"]))
+    _checked(files["unet"], lambda: unet.load_state_dict(weights))
+
+    def optimizer() -> None:
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            i, name = key.split(".", 1)
+            per_param.setdefault(int(i), {})[name] = value if name == "step" else value.to(device)
+        opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+
+    def ema_and_rng() -> None:
+        gen.set_state(shadow.pop("rng"))
+        ema.load_state_dict({**state["ema"], "shadow_params": [shadow[str(i)].to(device) for i in range(len(shadow))]})
+
+    _checked(files["optimizer"], optimizer)
+    _checked(files["ema"], ema_and_rng)
+    return _checked(files["state"], lambda: (int(state["step"]), [float(v) for v in state["losses"]]))

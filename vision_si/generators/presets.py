@@ -32,9 +32,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from vision_si.config import REPO_ROOT, SHIPPED_ROOT, GenerateConfig, resolve_path
+from vision_si.config import REPO_ROOT, SHIPPED_ROOT, GenerateConfig, parse_yaml, read_text_file, resolve_path
 from vision_si.errors import ConfigError
 from vision_si.generators.base import create_generator
 
@@ -69,10 +67,7 @@ def load_preset(name_or_path: str | Path) -> dict[str, Any]:
         if not path.is_file():
             raise ConfigError(f"unknown generator preset {text!r}; known: {', '.join(list_presets()) or 'none'}"
                               f" (or give a path to a preset YAML)")
-    try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    content = parse_yaml(read_text_file(path, "generator preset file"), str(path))
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: a generator preset must be a mapping, got {type(content).__name__}")
     if not isinstance(content.get("backend"), str):

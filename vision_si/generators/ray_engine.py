@@ -1,5 +1,6 @@
 """The `ray` engine of generation jobs: the same job as `runner.run_generation`, on a Ray cluster.
 
+`engine_generate_fn(cfg)` gives `run_generation` the engine `cfg.engine` names (this module's for 'ray');
 `run_generation_ray` takes the same arguments as `run_generation` (plus `address`, `num_actors`)
 and writes the same files: `out_dir/images/<id>.png` and `out_dir/manifest.jsonl`, byte for byte
 what the local engine writes for the same seed (manifest rows differ only in `seconds`), and it
@@ -45,6 +46,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vision_si.config import GenerateConfig
+from vision_si.data.arrays import LabelledImages
 from vision_si.errors import ConfigError, DataError
 from vision_si.generators.base import GenerationRequest, Generator
 from vision_si.generators.presets import generator_kwargs
@@ -220,13 +222,23 @@ def ray_generate_fn(cfg: GenerateConfig, *, address: str | None = None, num_acto
     return generate
 
 
-def run_generation_ray(cfg: GenerateConfig, requests: Sequence[GenerationRequest], *, train_images: np.ndarray,
-                       train_labels: np.ndarray, train_ids: Sequence[str], classes: list[str], out_dir: str | Path,
-                       seed: int, id_prefix: str = "syn-r01", classifier_fn: Callable[..., Any] | None = None,
-                       progress: bool = True, address: str | None = None,
-                       num_actors: int | None = None) -> GenerationResult:
+def engine_generate_fn(cfg: GenerateConfig, *, address: str | None = None,
+                       num_actors: int | None = None) -> GenerateFn | None:
+    """The `generate_fn` of `runner.run_generation` for `cfg.engine`: None (this process) for 'local',
+    the Ray actors' for 'ray'. The loop and the plan job choose the engine through here, so the runner
+    never imports an engine."""
+    if cfg.engine == "local":
+        return None
+    if cfg.engine == "ray":
+        return ray_generate_fn(cfg, address=address, num_actors=num_actors)
+    raise ConfigError(f"generate.engine {cfg.engine!r} is not one of local, ray")
+
+
+def run_generation_ray(cfg: GenerateConfig, requests: Sequence[GenerationRequest], *, train: LabelledImages,
+                       classes: list[str], out_dir: str | Path, seed: int, id_prefix: str = "syn-r01",
+                       classifier_fn: Callable[..., Any] | None = None, progress: bool = True,
+                       address: str | None = None, num_actors: int | None = None) -> GenerationResult:
     """`run_generation` on Ray: same files, manifest and resume; `address` (else `cfg.ray_address`) joins a cluster."""
-    return run_generation(cfg, requests, train_images=train_images, train_labels=train_labels, train_ids=train_ids,
-                          classes=classes, out_dir=out_dir, seed=seed, id_prefix=id_prefix,
-                          classifier_fn=classifier_fn, progress=progress,
-                          generate_fn=ray_generate_fn(cfg, address=address, num_actors=num_actors))
+    return run_generation(dataclasses.replace(cfg, engine="ray"), requests, train=train, classes=classes,
+                          out_dir=out_dir, seed=seed, id_prefix=id_prefix, classifier_fn=classifier_fn,
+                          progress=progress, generate_fn=ray_generate_fn(cfg, address=address, num_actors=num_actors))

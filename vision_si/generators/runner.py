@@ -17,30 +17,9 @@ its manifest row (sha256 and generation parameters) and recomputes the chunks th
 corrupt or stale image, so a killed job resumes and repairs itself; the manifest never holds an id
 twice. `regenerate(row, generator, rows=...)` re-creates an image from the manifest.
 
-Plan files (`generate_from_plan`, the `vsi generate --plan PLAN --out DIR` job) are YAML or JSON.
-Besides `requests`, a plan takes the run-config sections `seed`, `data` and `generate` (same keys as
-a run config; the generator trains on the `train` split that a run with this seed and data config
-would make, so the two share the cached generator), and optionally `id_prefix` (default `syn-plan`).
-A plan for ELPV, whose classes are `functional`, `possibly_defective`, `likely_defective` and
-`defective` (indices 0-3) and whose ids are `elpv:<file stem>`:
-
-```yaml
-seed: 0
-data: {source: elpv, image_size: 32}
-generate: {preset: quick, batch_size: 64}
-id_prefix: syn-plan
-requests:
-  - class: defective          # class name or index
-    count: 5000
-    mode: exemplar            # exemplar | class (guided needs a classifier and is not for plans)
-    strength: 0.5             # exemplar mode: 0 keeps the exemplar, 1 is pure noise
-    exemplar_ids: [elpv:cell0001, elpv:cell0003]   # in the train split (never val or test)
-    slice_id: manual          # optional label recorded in the manifest
-  - {class: 0, count: 200, mode: class}   # 0: functional
-```
-
-Exemplar ids must lie in the `train` split that `seed` and `data.split` make (the ids above do for
-seed 0 and the default split); a run's `splits.csv` lists every id with its split.
+Plan files (`vsi generate --plan`) are `vision_si.generators.plan`; the Ray engine is
+`vision_si.generators.ray_engine` (`engine_generate_fn(cfg)` gives the `generate_fn` for
+`cfg.engine`). This module imports neither.
 """
 
 from __future__ import annotations
@@ -57,14 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vision_si.config import GenerateConfig, config_from_dict, resolve_path
+from vision_si.config import GenerateConfig, resolve_path
+from vision_si.data.arrays import LabelledImages
 from vision_si.errors import ConfigError, DataError
 from vision_si.generators.base import GenerationRequest, Generator, ManifestRow, create_generator, image_seed
 from vision_si.generators.presets import generator_kwargs, resolve_preset
+from vision_si.rundir import atomic_write_bytes, atomic_write_text
 
 
 @dataclass
@@ -123,8 +103,8 @@ def chunks(jobs: Sequence[ImageJob]) -> list[list[ImageJob]]:
     return list(out.values())
 
 
-def fit_generator(cfg: GenerateConfig, *, train_images: np.ndarray, train_labels: np.ndarray, classes: list[str],
-                  seed: int, progress: bool = True) -> tuple[Generator, dict[str, Any]]:
+def fit_generator(cfg: GenerateConfig, train: LabelledImages, classes: list[str], *, seed: int,
+                  progress: bool = True) -> tuple[Generator, dict[str, Any]]:
     """The preset's generator fitted on the training split (or loaded from `cfg.cache_dir`), and the preset.
 
     It trains with `cfg.train_seed`, or the run's `seed` when that is None.
@@ -133,7 +113,7 @@ def fit_generator(cfg: GenerateConfig, *, train_images: np.ndarray, train_labels
     gen = create_generator(preset["backend"], **generator_kwargs(preset))
     cache = resolve_path(cfg.cache_dir) if cfg.cache_dir else None
     train_seed = seed if cfg.train_seed is None else cfg.train_seed
-    gen.fit(train_images, train_labels, classes, seed=train_seed, cache_dir=cache, progress=progress)
+    gen.fit(train.images, train.labels, classes, seed=train_seed, cache_dir=cache, progress=progress)
     return gen, preset
 
 
@@ -162,12 +142,7 @@ def write_image(out_dir: Path, image_id: str, image: np.ndarray) -> tuple[str, s
     rel = f"images/{image_id}.png"
     path = Path(out_dir) / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
     return rel, hashlib.sha256(data).hexdigest()
 
 
@@ -179,34 +154,67 @@ def file_sha256(path: Path) -> str | None:
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
-    """Rows of a manifest; a torn last line (a crash mid-write) is ignored, later rows win for an id."""
+    """Rows of a manifest (the one parser of `manifest.jsonl`); a torn last line (a crash mid-write) is
+    ignored, later rows win for an id.
+
+    Every row's `path` must resolve inside the manifest's own folder (symlinks followed), checked
+    here, before any image is opened: a row pointing elsewhere (`../../etc/passwd`, an absolute
+    path, a link out of the folder) is a `DataError` naming the manifest line.
+    """
     path = Path(path)
     if not path.is_file():
         return []
+    folder = path.parent.resolve()
     rows: dict[str, ManifestRow] = {}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = ManifestRow.from_dict(json.loads(line))
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        except (json.JSONDecodeError, TypeError, ValueError, RecursionError) as exc:
             if n == len(lines):
                 break
-            raise DataError(f"{path}:{n}: not a manifest row ({exc})") from None
+            raise DataError(f"{path}:{n}: not a manifest row ({type(exc).__name__}: {exc})") from None
+        if not isinstance(row.path, str) or not row.path or not (folder / row.path).resolve().is_relative_to(folder):
+            raise DataError(f"{path}:{n}: image path {row.path!r} leaves the generation folder {folder}; "
+                            "manifest paths must stay inside it")
         rows.pop(row.id, None)
         rows[row.id] = row
     return list(rows.values())
 
 
+def load_generated(folder: str | Path, rows: Sequence[ManifestRow], data_cfg: Any, *,
+                   channels: int | None = None) -> np.ndarray:
+    """The images of manifest `rows` (N×C×H×W float32, as `data.load_image_files`), each file's bytes
+    checked against its row's sha256 before they are decoded: an image replaced or damaged on disk
+    is a `DataError` naming the file. Every stage that reads generated images back goes through here."""
+    from vision_si.data.decode import decode_image
+    from vision_si.data.images import stack_images
+
+    folder = Path(folder)
+    arrays = []
+    for row in rows:
+        file = folder / row.path
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{file}: cannot read the generated image of '{row.id}' ({exc.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != row.sha256:
+            raise DataError(f"{file}: its bytes do not match the sha256 recorded in {folder / 'manifest.jsonl'} "
+                            f"for '{row.id}' (the image was replaced or damaged); delete the round's generate "
+                            "folder to make its images again")
+        arrays.append(decode_image(data, channels if channels is not None else data_cfg.channels,
+                                   data_cfg.alpha, name=str(file)))
+    return stack_images(arrays, data_cfg, channels)
+
+
 def write_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
     """Replace the manifest atomically with `rows`."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r.to_dict()) + "\n" for r in rows)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(Path(path), "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
 
 
 def append_manifest(path: Path, rows: Sequence[ManifestRow]) -> None:
@@ -265,15 +273,15 @@ def generate_jobs(generator: Generator, jobs: Sequence[ImageJob], *, exemplars: 
     bar.close()
 
 
-def exemplar_lookup(jobs: Sequence[ImageJob], train_images: np.ndarray, train_ids: Sequence[str]) -> dict[str, np.ndarray]:
+def exemplar_lookup(jobs: Sequence[ImageJob], train: LabelledImages) -> dict[str, np.ndarray]:
     """The training images the jobs use as exemplars, by id; unknown ids raise `DataError`."""
-    position = {i: k for k, i in enumerate(train_ids)}
+    position = {i: k for k, i in enumerate(train.ids)}
     wanted = sorted({j.exemplar_id for j in jobs if j.exemplar_id is not None})
     missing = [i for i in wanted if i not in position]
     if missing:
         raise DataError(f"exemplar id(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} are not training images; "
                         "exemplars must come from the training split")
-    return {i: train_images[position[i]] for i in wanted}
+    return {i: train.images[position[i]] for i in wanted}
 
 
 def _generate_here(generator: Generator, preset: dict[str, Any], jobs: Sequence[ImageJob],
@@ -281,35 +289,31 @@ def _generate_here(generator: Generator, preset: dict[str, Any], jobs: Sequence[
     return generate_jobs(generator, jobs, **kwargs)
 
 
-def run_generation(cfg: GenerateConfig, requests: Sequence[GenerationRequest], *, train_images: np.ndarray,
-                   train_labels: np.ndarray, train_ids: Sequence[str], classes: list[str], out_dir: str | Path,
-                   seed: int, id_prefix: str = "syn-r01", classifier_fn: Callable[..., Any] | None = None,
-                   progress: bool = True, generate_fn: GenerateFn | None = None) -> GenerationResult:
+def run_generation(cfg: GenerateConfig, requests: Sequence[GenerationRequest], *, train: LabelledImages,
+                   classes: list[str], out_dir: str | Path, seed: int, id_prefix: str = "syn-r01",
+                   classifier_fn: Callable[..., Any] | None = None, progress: bool = True,
+                   generate_fn: GenerateFn | None = None) -> GenerationResult:
     """Make the requested images in `out_dir` (images/ + manifest.jsonl), skipping valid ones already there.
 
+    The generator is fitted on `train` (the real training split), whose ids are the exemplar ids.
     `generate_fn(generator, preset, jobs, *, exemplars, classifier_fn, classifier_scale, progress)`
     computes the pending jobs (whole chunks) and yields (job, C×H×W image, seconds per image); it is
     closed if the job stops early, so a generator function may hold resources. The default computes
-    them in this process (`generate_jobs`); `cfg.engine` 'ray' passes the Ray engine's. Planning,
-    resume, files and manifest are this function's whatever computes the images.
+    them in this process (`generate_jobs`); for `cfg.engine` 'ray' pass
+    `ray_engine.engine_generate_fn(cfg)`. Planning, resume, files and manifest are this function's
+    whatever computes the images.
     """
-    if generate_fn is None and cfg.engine == "ray":
-        try:
-            from vision_si.generators.ray_engine import run_generation_ray
-        except ImportError as exc:
-            raise ConfigError(f"generate.engine 'ray' is not available here ({exc}); install the 'ray' extra") from None
-        return run_generation_ray(cfg, requests, train_images=train_images, train_labels=train_labels,
-                                  train_ids=train_ids, classes=classes, out_dir=out_dir, seed=seed,
-                                  id_prefix=id_prefix, classifier_fn=classifier_fn, progress=progress)
+    if generate_fn is None and cfg.engine != "local":
+        raise ConfigError(f"generate.engine {cfg.engine!r}: pass its generate_fn "
+                          "(vision_si.generators.ray_engine.engine_generate_fn(cfg)), as the loop and plan jobs do")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(requests, seed=seed, id_prefix=id_prefix, batch_size=cfg.batch_size)
     if any(j.mode == "guided" for j in jobs) and classifier_fn is None:
         raise ConfigError("generate.mode 'guided' needs the current classifier (classifier_fn); none was given")
-    exemplars = exemplar_lookup(jobs, train_images, train_ids)
-    generator, preset = fit_generator(cfg, train_images=train_images, train_labels=train_labels, classes=classes,
-                                      seed=seed, progress=progress)
+    exemplars = exemplar_lookup(jobs, train)
+    generator, preset = fit_generator(cfg, train, classes, seed=seed, progress=progress)
 
     def expected(job: ImageJob, sha: str = "", seconds: float = 0.0) -> ManifestRow:
         return make_row(job, path=f"images/{job.id}.png", sha256=sha, preset=preset, generator=generator,
@@ -409,92 +413,3 @@ def verify_folder(out_dir: str | Path, generator: Generator, *, exemplars: Mappi
             elif hashlib.sha256(png_bytes(image)).hexdigest() != r.sha256:
                 report["differs"].append(r.id)
     return report
-
-
-# ---------------------------------------------------------------------- plan files
-
-
-@dataclass
-class Plan:
-    config: Any  # RunConfig with the plan's seed, data and generate sections
-    requests: list[GenerationRequest]
-    id_prefix: str
-
-
-def load_plan(path: str | Path) -> Plan:
-    """Read and check a plan file (see the module doc); class names are resolved when the data is loaded."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"plan file '{path}' not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    try:
-        content = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
-    if not isinstance(content, dict) or not isinstance(content.get("requests"), list) or not content["requests"]:
-        raise ConfigError(f"{path}: a plan is a mapping with a non-empty 'requests' list")
-    content = dict(content)
-    raw_requests = content.pop("requests")
-    id_prefix = str(content.pop("id_prefix", "syn-plan"))
-    try:
-        cfg = config_from_dict(content)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    requests = []
-    for n, raw in enumerate(raw_requests):
-        if not isinstance(raw, dict) or "class" not in raw or "count" not in raw:
-            raise ConfigError(f"{path}: requests[{n}] needs at least 'class' and 'count'")
-        unknown = set(raw) - {"class", "count", "mode", "strength", "exemplar_ids", "slice_id"}
-        if unknown:
-            raise ConfigError(f"{path}: requests[{n}] has unknown key(s) {sorted(unknown)}; allowed: class, count, "
-                              "mode, strength, exemplar_ids, slice_id")
-        mode = raw.get("mode", "exemplar" if raw.get("exemplar_ids") else "class")
-        if mode == "guided":
-            raise ConfigError(f"{path}: requests[{n}]: guided mode needs a live classifier; use it inside a run")
-        cls = raw["class"]
-        for key, kinds in (("count", (int,)), ("strength", (int, float))):
-            value = raw.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, kinds):
-                what = "an integer" if key == "count" else "a number"
-                raise ConfigError(f"{path}: requests[{n}]: {key} must be {what}, got {value!r}")
-        try:
-            requests.append(GenerationRequest(class_index=cls if isinstance(cls, int) and not isinstance(cls, bool)
-                                              else -1, class_name=str(cls),
-                                              slice_id=str(raw.get("slice_id", "plan")), count=int(raw["count"]),
-                                              exemplar_ids=[str(i) for i in raw.get("exemplar_ids") or []],
-                                              mode=mode, strength=float(raw.get("strength", cfg.generate.strength))))
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: requests[{n}]: {exc}") from None
-    return Plan(config=cfg, requests=requests, id_prefix=id_prefix)
-
-
-def generate_from_plan(plan_path: str | Path, out_dir: str | Path, *, engine: str = "local",
-                       address: str | None = None, progress: bool = True) -> GenerationResult:
-    """Run a plan file as a resumable batch job into `out_dir` (images/ + manifest.jsonl)."""
-    from vision_si.data import load_images, load_source, make_splits
-
-    plan = load_plan(plan_path)
-    cfg = plan.config
-    table = load_source(cfg.data, cfg.seed, progress=progress)
-    classes = list(table.classes)
-    for n, req in enumerate(plan.requests):
-        if req.class_index == -1:
-            if req.class_name not in classes:
-                raise ConfigError(f"{plan_path}: requests[{n}]: class {req.class_name!r} is not one of {classes}")
-            req.class_index = classes.index(req.class_name)
-        elif not 0 <= req.class_index < len(classes):
-            raise ConfigError(f"{plan_path}: requests[{n}]: class index {req.class_index} is not in 0..{len(classes) - 1}")
-        req.class_name = classes[req.class_index]
-    splits = make_splits(table, cfg.data.split, cfg.seed)
-    train_idx = np.flatnonzero(splits == "train")
-    gen_cfg = cfg.generate
-    gen_cfg.engine = engine
-    if address is not None:
-        gen_cfg.ray_address = address
-    return run_generation(gen_cfg, plan.requests, train_images=load_images(table, train_idx, cfg.data, progress=progress),
-                          train_labels=table.labels[train_idx], train_ids=[table.ids[i] for i in train_idx],
-                          classes=classes, out_dir=out_dir, seed=cfg.seed, id_prefix=plan.id_prefix,
-                          progress=progress)

@@ -30,7 +30,9 @@ sample: {sampler: default, steps: 30, guidance_scale: 7.5}
 
 Template placeholders: `{class_name}`, `{class_words}` (the name with `-`/`_` as spaces), `{index}`.
 
-Loading. `from_pretrained` never runs repository code (no `trust_remote_code`); with
+Loading. `from_pretrained` never runs repository code (no `trust_remote_code`) and reads weights
+from safetensors files only (`use_safetensors=True`: a folder with only pickled `.bin` weights is
+refused, naming it; convert it with `save_pretrained`); with
 `HF_HUB_OFFLINE=1` (or `TRANSFORMERS_OFFLINE=1`) it reads only local files (`local_files_only`), and
 a local folder is always read as local files. The safety checker is off unless the preset sets
 `safety_checker: true`: it is a classifier of natural photographs, meaningless on
@@ -255,8 +257,9 @@ class StableDiffusionGenerator(PipelineGenerator):
         diffusers = import_sd()
         import torch
 
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto"
-                              else self.device)
+        from vision_si.devices import resolve_device
+
+        device = resolve_device(self.device, f"generator preset {self.name!r}: device")
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "auto": torch.float16 if device.type == "cuda" else torch.float32}[self.dtype]
         source = Path(str(self.model)).expanduser()
@@ -265,7 +268,8 @@ class StableDiffusionGenerator(PipelineGenerator):
             raise DataError(f"generator preset {self.name!r}: model folder '{self.model}' not found "
                             "(a pipeline folder with model_index.json, or a hub id such as 'org/name')")
         offline = offline_mode()
-        kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": local or offline}
+        # use_safetensors: weights are read from safetensors files only, never from a pickled `.bin`
+        kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": local or offline, "use_safetensors": True}
         if self.revision is not None:
             kwargs["revision"] = self.revision
         if self.variant is not None:

@@ -1,4 +1,7 @@
-"""Diagnosis plots (matplotlib): confusion, recall with CIs, embedding map, exemplar grids.
+"""The report's diagnosis plots (matplotlib): confusion, recall with CIs, embedding map, exemplar grids.
+
+They sit beside the report (`report.py`, `report_html.py`): the run draws them into each diagnosis
+folder when the diagnosis is made (`stages.Stages.diagnose`), and `report.html` embeds them.
 
 Every function writes one PNG and returns its path; `write_diagnosis_plots` writes them all into a
 diagnosis folder. Images arrive as C×H×W float arrays in [0, 1]. Figures are built with
