@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned: these releases lie on the build machines' disk (a plain resolver would fetch GBs).
 TORCH := torch==2.14.1 torchvision==0.29.1
 EXTRAS_RUN := elpv
-EXTRAS_DEV := elpv,dev,sd,ray,dicom,tracking
+EXTRAS_DEV := elpv,dev,sd,ray,dicom,tracking,pretrain
 
 .PHONY: setup setup-dev demo test lint clean
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from vision_si.config import DiagnoseConfig
+from vision_si.data.arrays import LabelledImages
 from vision_si.diagnose import diagnose
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,9 +56,9 @@ def make_data(n: int, width: int, k: int, val_fraction: float, seed: int) -> dic
 
 def run_once(d: dict, classes: list[str], cfg: DiagnoseConfig):
     v, t = slice(0, d["n_val"]), slice(d["n_val"], None)
-    return diagnose(cfg, classes=classes, val_labels=d["y"][v], val_probs=d["probs"][v],
-                    val_embeddings=d["x"][v], val_ids=d["ids"][v], train_labels=d["y"][t],
-                    train_embeddings=d["x"][t], train_ids=d["ids"][t], seed=0)
+    val, train = (LabelledImages.of_labels(d["y"][s], d["ids"][s]) for s in (v, t))  # outputs only, no pixels
+    return diagnose(cfg, classes=classes, val=val, val_probs=d["probs"][v], val_embeddings=d["x"][v], train=train,
+                    train_embeddings=d["x"][t], seed=0)
 
 
 def main(argv: list[str] | None = None) -> dict:

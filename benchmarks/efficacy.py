@@ -39,10 +39,11 @@ import yaml
 from vision_si.classifier import load_classifier, predict, train_classifier
 from vision_si.config import RunConfig, apply_overrides, config_from_dict, config_to_dict
 from vision_si.data import build_augmentation, load_images, load_source, make_splits
-from vision_si.data.images import load_image_files
+from vision_si.data.arrays import LabelledImages
 from vision_si.errors import ConfigError
+from vision_si.filter import FilterResult
 from vision_si.generators import GenerationRequest
-from vision_si.generators.runner import read_manifest, run_generation
+from vision_si.generators.runner import load_generated, read_manifest, run_generation
 from vision_si.metrics import bootstrap_interval, classification_metrics, paired_bootstrap
 from vision_si.rundir import atomic_write_json, atomic_write_text, read_json
 
@@ -101,6 +102,9 @@ class Real:
     def val(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         return (self.x["val"], self.y["val"]) if "val" in self.x else (None, None)
 
+    def split(self, s: str) -> LabelledImages:
+        return LabelledImages(self.x[s], self.y[s], self.ids[s], [self.table.sha256[i] for i in self.index[s]])
+
 
 # --------------------------------------------------------------------------- arms
 
@@ -119,7 +123,7 @@ class Bench:
     def cfg(self, arm: str, seed: int) -> RunConfig:
         over = [f"seed={seed}", f"name={self.base.name}-{arm}-s{seed}", f"generate.cache_dir={self.gen_cache}"]
         if arm == "A":
-            over += ["classifier.balanced_sampling=false", "data.augment=standard"]
+            over += ["classifier.sampling=natural", "data.augment=standard"]
         over += LOOP_ARMS.get(arm, [])
         return run_config(self.profile, over)
 
@@ -146,8 +150,7 @@ class Bench:
                 shutil.copytree(default, shared)
             else:
                 self.echo(f"training the shared generator (seed {self.generator_seed})")
-                fit_generator(cfg, train_images=x, train_labels=y, classes=classes, seed=self.generator_seed,
-                              progress=self.progress)
+                fit_generator(cfg, self.real.split("train"), classes, seed=self.generator_seed, progress=self.progress)
         alias = self.gen_cache / cache_key(x, y, classes, settings, seed)
         if not alias.exists():
             shutil.copytree(shared, alias)
@@ -236,8 +239,9 @@ class Bench:
         for stage in ABLATION_REUSE[arm]:
             if (src / stage).is_dir() and not (run_dir / stage).exists():
                 shutil.copytree(src / stage, run_dir / stage)
-        if (src / "splits.csv").is_file():
-            shutil.copy2(src / "splits.csv", run_dir / "splits.csv")
+        for name in ("splits.sha256", "splits.csv"):  # the split with its digest, or the run refuses it
+            if (src / name).is_file():
+                shutil.copy2(src / name, run_dir / name)
 
     def e_additions(self, e: dict[str, Any]) -> tuple[list[Any], str]:
         """Manifest rows of the synthetic images E added (see the module doc for the fallback)."""
@@ -246,8 +250,7 @@ class Bench:
         for r in e["rounds"]:
             tag = run_dir / f"round-{r['round']:02d}"
             rows = read_manifest(tag / "generate" / "manifest.jsonl")
-            f = read_json(tag / "filter" / "filter.json") if (tag / "filter" / "filter.json").is_file() else {}
-            accepted = set(f.get("accepted_ids", []))
+            accepted = set(FilterResult.load(tag / "filter").accepted_ids) if (tag / "filter").is_dir() else set()
             passed = [row for row in rows if row.id in accepted]
             if r.get("gate", {}).get("decision") == "accepted":
                 added += passed
@@ -291,10 +294,9 @@ class Bench:
         info = {"n_extra": n, "extra_rule": rule, "extra_per_class": dict(zip(self.real.classes, counts, strict=True))}
         if not requests:
             return (None, np.zeros(0, np.int64), []), info
-        res = run_generation(gen_cfg, requests, train_images=self.real.x["train"], train_labels=self.real.y["train"],
-                             train_ids=self.real.ids["train"], classes=self.real.classes, out_dir=out, seed=seed,
-                             id_prefix="syn-d", classifier_fn=None, progress=self.progress)
-        x = load_image_files([out / row.path for row in res.rows], cfg.data, channels=self.real.channels)
+        res = run_generation(gen_cfg, requests, train=self.real.split("train"), classes=self.real.classes, out_dir=out,
+                             seed=seed, id_prefix="syn-d", classifier_fn=None, progress=self.progress)
+        x = load_generated(out, res.rows, cfg.data, channels=self.real.channels)
         info["generator_sha256"] = res.generator_sha256
         return (x, np.asarray([row.class_index for row in res.rows], np.int64), [row.id for row in res.rows]), info
 

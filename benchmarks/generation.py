@@ -132,6 +132,7 @@ def training_rate(preset: dict, rounds: int = 5, steps_per_round: int = 8) -> di
 def elpv_quick(n_images: int, progress: bool) -> dict:
     """Train `quick` on ELPV's train split (as a run with seed 0 splits it), time a round, draw a grid."""
     from vision_si.data import load_images, load_source, make_splits
+    from vision_si.data.arrays import LabelledImages
     from vision_si.generators.runner import read_manifest, run_generation
 
     data_cfg = DataConfig(source="elpv", image_size=32, split=SplitConfig())
@@ -151,15 +152,15 @@ def elpv_quick(n_images: int, progress: bool) -> dict:
                                           exemplar_ids=list(rng.choice(members, size=8, replace=False))))
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        res = run_generation(cfg, requests, train_images=images, train_labels=labels, train_ids=ids, classes=classes,
-                             out_dir=out, seed=0, id_prefix="syn-bench", progress=progress)
+        train = LabelledImages(images, labels, ids, [table.sha256[i] for i in idx])
+        res = run_generation(cfg, requests, train=train, classes=classes, out_dir=out, seed=0, id_prefix="syn-bench",
+                             progress=progress)
         total = time.perf_counter() - t0
         rows = read_manifest(res.manifest_path)
         gen_seconds = sum(r.seconds for r in rows)
         from vision_si.generators.runner import fit_generator
 
-        gen, _ = fit_generator(cfg, train_images=images, train_labels=labels, classes=classes, seed=0,
-                               progress=False)
+        gen, _ = fit_generator(cfg, train, classes, seed=0, progress=False)
         grid_path = RESULTS / "ddpm_quick_samples.png"
         write_grid(gen, images, labels, ids, classes, rows, Path(out), grid_path)
     return {"train_images": int(len(idx)), "class_counts": np.bincount(labels, minlength=len(classes)).tolist(),

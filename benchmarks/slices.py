@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from sklearn.metrics import adjusted_mutual_info_score
 
 from vision_si.config import ClassifierConfig, DataConfig, DiagnoseConfig
+from vision_si.data.arrays import LabelledImages
 from vision_si.diagnose import diagnose
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -152,7 +153,7 @@ def train_and_embed(train_x, train_y, all_x, n_classes: int, seed: int, steps: i
         train_classifier = None
     if train_classifier is not None:
         cfg = ClassifierConfig(arch="test_resnet", steps=steps, batch_size=64, lr=3e-3, warmup_steps=steps // 10,
-                               balanced_sampling=True, device="cpu")
+                               sampling="balanced", device="cpu")
         clf = train_classifier(cfg, train_x, train_y, classes=[str(k) for k in range(n_classes)], seed=seed,
                                out_dir=out_dir, augment=None, progress=False, checkpoint_every=steps)
         pred = predict(clf, all_x, batch_size=512)
@@ -254,9 +255,9 @@ def run_one(name: str, data: dict, seed: int, steps: int, work: Path) -> dict:
     for method in ("gmm", "hdbscan"):
         cfg = DiagnoseConfig(cluster_method=method, n_bootstrap=200)
         t1 = time.perf_counter()
-        diag = diagnose(cfg, classes=d["classes"], val_labels=y[v], val_probs=probs[v], val_embeddings=emb[v],
-                        val_ids=d["ids"][v], train_labels=y[t], train_embeddings=emb[t], train_ids=d["ids"][t],
-                        seed=seed)
+        diag = diagnose(cfg, classes=d["classes"], val=LabelledImages.of_labels(y[v], d["ids"][v]), val_probs=probs[v],
+                        val_embeddings=emb[v], train=LabelledImages.of_labels(y[t], d["ids"][t]),
+                        train_embeddings=emb[t], seed=seed)
         secs = time.perf_counter() - t1
         val_slices = diag.members["slice_id"][: v.sum()]
         sets = [val_slices == s.slice_id for s in diag.weak_slices]

@@ -1,14 +1,19 @@
-"""Torch CPU threads on a shared machine: step time with 1 thread vs all cores, alone and beside another job.
+"""Torch CPU training on a shared machine: step time alone and beside a competing job, by thread count and
+OpenMP wait policy.
 
-    python benchmarks/threads.py [--arch resnet10t] [--size 32] [--batch 32] [--steps 40] [--reps 3]
+    python benchmarks/threads.py [--arch resnet10t] [--size 64] [--batch 32] [--steps 30] [--reps 5]
 
-Each measurement is a fresh subprocess that trains `--steps` optimizer steps of the demo's
-classifier and reports the median seconds per step (after 5 warm-up steps). It runs with
-`torch.set_num_threads(t)` for t in {1, all cores}, once alone and once while a competing process
-(the same training loop, all cores, in an endless loop) keeps the machine busy. The settings are
-interleaved rep by rep so that drifting load hits them alike; medians over reps are printed with the
-ratio to 1 thread, and written to results/threads.json. This is the evidence behind the
-`threads` setting of a run config (`threads: 1` on a machine shared with other jobs).
+Each measurement is a fresh subprocess that trains `--steps` optimizer steps of a timm classifier and
+reports the median seconds per step (after 5 warm-up steps). Settings: torch threads 1 or all cores,
+with GNU OpenMP's default wait policy (idle threads spin before sleeping) or `OMP_WAIT_POLICY=PASSIVE`
+(what `import vision_si` sets unless the user set it). Each runs alone and beside a competing job
+(the same training, all cores, default policy, in an endless loop: another user's torch job). Settings
+are interleaved rep by rep so drifting load hits them alike; medians over reps are printed with the
+ratio busy/alone, and written to results/threads.json.
+
+Why: torch's CPU kernels run on GNU OpenMP. With as many threads as cores and another job on the
+machine, a thread that reaches a barrier spins on a core the other threads of its team need; each
+parallel region then waits for a descheduled thread. Passive waiting gives the core back.
 """
 
 from __future__ import annotations
@@ -42,56 +47,65 @@ while steps < 0 or i < steps + 5:
 print(statistics.median(times[5:]))
 """
 
+POLICIES = ("default", "passive")
 
-def measure(args: argparse.Namespace, threads: int) -> float:
+
+def _env(threads: int, policy: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if policy == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
+
+
+def measure(args: argparse.Namespace, threads: int, policy: str) -> float:
     out = subprocess.run([sys.executable, "-c", WORKER, args.arch, str(args.size), str(args.batch), str(args.steps),
-                          str(threads)], capture_output=True, text=True, check=True, env=_env(threads))
+                          str(threads)], capture_output=True, text=True, check=True, env=_env(threads, policy))
     return float(out.stdout.strip())
-
-
-def _env(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="resnet10t")
-    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     cores = os.cpu_count() or 1
-    settings = sorted({1, cores})
-    times: dict[str, list[float]] = {f"{cond} {t}": [] for cond in ("alone", "busy") for t in settings}
+    settings = [(t, p) for t in sorted({1, cores}) for p in POLICIES]
+    times: dict[str, list[float]] = {f"{cond} {t} {p}": [] for cond in ("alone", "busy") for t, p in settings}
     for rep in range(args.reps):
         for cond in ("alone", "busy"):
             hog = None
-            if cond == "busy":  # another job on the same cores: the same loop, all cores, until stopped
+            if cond == "busy":  # another user's job on the same cores: the same loop, all cores, until stopped
                 hog = subprocess.Popen([sys.executable, "-c", WORKER, args.arch, str(args.size), str(args.batch), "-1",
-                                        str(cores)], env=_env(cores), stdout=subprocess.DEVNULL)
-                time.sleep(3)  # let it start spinning
+                                        str(cores)], env=_env(cores, "default"), stdout=subprocess.DEVNULL)
+                time.sleep(3)  # let it start
             try:
-                for t in settings:
-                    times[f"{cond} {t}"].append(measure(args, t))
+                for t, p in settings:
+                    times[f"{cond} {t} {p}"].append(measure(args, t, p))
             finally:
                 if hog is not None:
                     hog.kill()
                     hog.wait()
-        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{k} thread(s) {v[-1] * 1000:.0f} ms" for k, v in times.items()),
+        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{k} {v[-1] * 1000:.0f} ms" for k, v in times.items()),
               flush=True)
     rows = []
-    for cond in ("alone", "busy"):
-        one = statistics.median(times[f"{cond} 1"])
-        for t in settings:
-            med = statistics.median(times[f"{cond} {t}"])
-            rows.append({"condition": cond, "threads": t, "ms_per_step": round(med * 1000, 1),
-                         "ratio_to_1_thread": round(med / one, 2)})
-            print(f"{cond:6s} {t} thread(s): {med * 1000:7.1f} ms/step (median of {args.reps}), "
-                  f"ratio to 1 thread {med / one:.2f}")
+    for t, p in settings:
+        alone, busy = (statistics.median(times[f"{c} {t} {p}"]) for c in ("alone", "busy"))
+        rows.append({"threads": t, "wait_policy": p, "alone_ms_per_step": round(alone * 1000, 1),
+                     "busy_ms_per_step": round(busy * 1000, 1), "busy_over_alone": round(busy / alone, 2)})
+        print(f"{t} thread(s), {p:7s}: alone {alone * 1000:7.1f} ms/step, beside a competing job "
+              f"{busy * 1000:7.1f} ms/step ({busy / alone:.2f}x), medians of {args.reps}")
+    default = next(r for r in rows if r["threads"] == cores and r["wait_policy"] == "passive")
     out = Path(__file__).parent / "results" / "threads.json"
     out.write_text(json.dumps({"arch": args.arch, "size": args.size, "batch": args.batch, "steps": args.steps,
-                               "reps": args.reps, "cores": cores, "rows": rows}, indent=2) + "\n")
+                               "reps": args.reps, "cores": cores, "rows": rows,
+                               "vision_si_default": {"threads": cores, "wait_policy": "passive",
+                                                     "alone_ms_per_step": default["alone_ms_per_step"],
+                                                     "beside_competing_job_ms_per_step": default["busy_ms_per_step"]}},
+                              indent=2) + "\n")
 
 
 if __name__ == "__main__":
