@@ -191,7 +191,7 @@ def test_three_rounds_accept_reject_adapt_and_stop_on_patience(tmp_path, monkeyp
     report and summary.json then read the same typed round results."""
     from tiny_run import tiny_config as tiny
 
-    import vision_si.gate as gate
+    import vision_si.gate.training as gate
     from vision_si.filter import FilterResult
     from vision_si.generators.runner import read_manifest
     from vision_si.loop import run_loop

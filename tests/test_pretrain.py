@@ -347,14 +347,18 @@ def test_loop_pretrains_first_and_round_0_starts_from_the_encoder(tmp_path, caps
     # the loop keeps the encoder and gives label-free embeddings of the run's images by split
     from vision_si.loop import Loop
 
+    from vision_si.pretrain import label_free_embeddings
+
     loop = Loop(cfg, run_dir, progress=False, echo=lambda _m: None)
-    data = loop.load_data()
-    assert loop.label_free_embeddings(data) == {}  # no encoder before the stage has been read
-    assert loop.pretrain_stage(data)
-    assert loop.cfg.classifier.pretrained == weights_file
-    emb = loop.label_free_embeddings(data)
-    assert set(emb) == {"train", "val"} and emb["val"].shape == (len(data.index["val"]), 64)
-    np.testing.assert_array_equal(emb["train"], loop.encoder.embed(data.pixels("train")))
+    st = loop.prepare()
+    assert loop.encoder is None and st.encoder is None  # no encoder before the stage has been read
+    assert loop.pretrain_stage(st)
+    assert loop.cfg.classifier.pretrained == weights_file == st.cfg.classifier.pretrained
+    assert st.encoder is loop.encoder
+    emb = label_free_embeddings(loop.encoder, {s: st.data.pixels(s) for s in ("train", "val")})
+    assert set(emb) == {"train", "val"} and emb["val"].shape == (len(st.data.pixels("val")), 64)
+    np.testing.assert_allclose(np.linalg.norm(emb["val"], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(emb["train"], loop.encoder.embed(st.data.pixels("train")))
 
     # a cache entry deleted after the run: the stage is redone on resume, to the same key and weights
     shutil.rmtree(pointer["path"])

@@ -374,13 +374,15 @@ def test_a_corrupt_partial_generator_checkpoint_is_named_discarded_and_retrained
 
 
 def test_every_file_left_out_is_listed_counted_and_reported(tmp_path, capsys):
-    root = image_folder(tmp_path / "data", {"a": 5, "b": 5, "c": 5})
+    root = image_folder(tmp_path / "data", {"a": 10, "b": 10, "c": 10})
     write(root / "c" / "dup.png", (root / "a" / "000.png").read_bytes())  # same bytes in two classes: both go
     write(root / "b" / "005.png", (root / "b" / "001.png").read_bytes())  # a repeat within a class: the later goes
     write(root / "a" / "broken.png", b"\x89PNG\r\n\x1a\n not really")  # unreadable
     cfg = write_config(tmp_path, tiny_config(tmp_path, name="skip", classifier={"steps": 2, "batch_size": 8},
                                              data={"source": "imagefolder", "root": str(root), "image_size": 16,
-                                                   "on_bad_image": "skip", "max_per_class": None}))
+                                                   "on_bad_image": "skip", "max_per_class": None,
+                                                   # val images of every class on both val halves
+                                                   "split": {"val_fraction": 0.5}}))
     with warnings.catch_warnings():  # warnings to stderr as the console script shows them, not to pytest
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
@@ -398,7 +400,7 @@ def test_every_file_left_out_is_listed_counted_and_reported(tmp_path, capsys):
     assert "broken.png" in listed["a/broken.png"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["dataset"]["skipped_images"] == 4
-    assert summary["dataset"]["n_images"] == 15 + 3 - 4
+    assert summary["dataset"]["n_images"] == 30 + 3 - 4
     split_ids = {line.split(",")[0] for line in (run / "splits.csv").read_text().splitlines()[1:]}
     assert not split_ids & set(listed)
     assert "<b>4</b> image file(s) left out" in (run / "report.html").read_text()

@@ -55,7 +55,7 @@ def test_a_stopped_run_has_its_params_and_the_stages_done_so_far(stopped_run):
     assert parent.data.tags["vision_si.complete"] == "false"
     params = parent.data.params
     assert params["classifier.steps"] == "4" and params["data.source"] == "digits"
-    assert params["tracking.mlflow"] == "True" and params["gate.metric"] == "macro_f1"
+    assert params["tracking.mlflow"] == "True" and params["gate.metric"] == "macro_auroc"
     assert len(children) == 1 and children[0].data.tags["mlflow.parentRunId"] == state["run_id"]
     metrics = children[0].data.metrics
     result = FilterResult.load(stopped_run / "round-01/filter")

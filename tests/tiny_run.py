@@ -18,7 +18,7 @@ import yaml
 
 TINY: dict[str, Any] = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").read_text())
 FAST: dict[str, Any] = {  # test speed: the same stages on less work
-    "data": {"max_per_class": 10, "augment": "none"},
+    "data": {"max_per_class": 20, "augment": "none"},  # two or more val images a class: both val halves,
     "classifier": {"steps": 4, "batch_size": 16, "warmup_steps": 1, "eval_every": 2},
     "diagnose": {"budget_total": 8, "n_bootstrap": 100, "max_clusters": 2, "min_slice_size": 2},
     "generate": {"batch_size": 8},
