@@ -112,3 +112,15 @@ def test_a_run_judges_train_out_of_fold_from_the_selecting_val_half_only(tmp_pat
     assert sorted(m["id"][train_rows].tolist()) == sorted(i for i, s in split_of.items() if s == "train")
     assert set(m["oof_fold"][train_rows].tolist()) == {0, 1} and set(m["oof_fold"][~train_rows].tolist()) == {-1}
     assert "test" not in set(m["split"].tolist())
+
+
+@pytest.mark.parametrize("key, value", [("oof_folds", 1), ("oof_folds", 21), ("oof_epochs", 0),
+                                        ("stability_resamples", -1)])
+def test_bad_diagnose_settings_name_the_key(key, value):
+    from vision_si.config import RunConfig, validate_config
+    from vision_si.errors import ConfigError
+
+    cfg = RunConfig()
+    setattr(cfg.diagnose, key, value)
+    with pytest.raises(ConfigError, match=f"diagnose.{key}"):
+        validate_config(cfg)
