@@ -20,6 +20,13 @@ group and hold ≥ 50% of it), slice precision (reported slices that recover a g
 On ELPV, how the clusters relate to the cell type (mono/poly), which the model never sees.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/slices.py [--seeds 0 1 2] [--datasets digits elpv]
+        [--oof K] [--stability N] [--quick]
+
+`--oof K` also judges train images out of fold (`vision_si.oof`, K cross-fitted models with the same
+recipe, each predicting the fold it did not train on; `vsi-*-oof` rows): val scoring is unchanged, and
+`train_recall` says how much of the failing groups' train images the weak slices cover. `--stability N`
+measures each weak slice's stability over N re-clusterings (reported per slice and as a mean).
+`--quick` is a smoke run (digits, one seed, 150 steps), not a result.
 
 Writes benchmarks/results/slices.json and benchmarks/results/slices.md.
 """
@@ -145,6 +152,12 @@ def plant(data: dict, plants: list[Plant], seed: int) -> dict:
 # --------------------------------------------------------------------------- classifier
 
 
+def classifier_config(steps: int) -> ClassifierConfig:
+    """The benchmark's recipe, for the diagnosed model and the out-of-fold models alike."""
+    return ClassifierConfig(arch="test_resnet", steps=steps, batch_size=64, lr=3e-3, warmup_steps=steps // 10,
+                            sampling="balanced", device="cpu")
+
+
 def train_and_embed(train_x, train_y, all_x, n_classes: int, seed: int, steps: int, out_dir: Path) -> tuple:
     """(probs, embeddings) for `all_x` and which trainer was used."""
     try:
@@ -152,9 +165,7 @@ def train_and_embed(train_x, train_y, all_x, n_classes: int, seed: int, steps: i
     except ImportError:
         train_classifier = None
     if train_classifier is not None:
-        cfg = ClassifierConfig(arch="test_resnet", steps=steps, batch_size=64, lr=3e-3, warmup_steps=steps // 10,
-                               sampling="balanced", device="cpu")
-        clf = train_classifier(cfg, train_x, train_y, classes=[str(k) for k in range(n_classes)], seed=seed,
+        clf = train_classifier(classifier_config(steps), train_x, train_y, classes=[str(k) for k in range(n_classes)], seed=seed,
                                out_dir=out_dir, augment=None, progress=False, checkpoint_every=steps)
         pred = predict(clf, all_x, batch_size=512)
         return np.asarray(pred.probs), np.asarray(pred.embeddings), "vision_si.classifier"
@@ -228,7 +239,8 @@ def run_cleanlab(labels, probs, emb, seed: int) -> tuple[list[np.ndarray], float
     return [flagged], time.perf_counter() - t
 
 
-def run_one(name: str, data: dict, seed: int, steps: int, work: Path) -> dict:
+def run_one(name: str, data: dict, seed: int, steps: int, work: Path, oof_folds: int = 0,
+            stability: int = 0) -> dict:
     plants = PLANTS[name]
     d = plant(data, plants, seed)
     v, t = d["is_val"], ~d["is_val"]
@@ -252,21 +264,39 @@ def run_one(name: str, data: dict, seed: int, steps: int, work: Path) -> dict:
     out = {"dataset": name, "seed": seed, "trainer": trainer, "train_seconds": train_s, "steps": steps,
            "val_accuracy": float((pred[v] == y[v]).mean()), "n_val": int(v.sum()), "n_train": int(t.sum()),
            "planted_groups": groups, "methods": {}}
-    for method in ("gmm", "hdbscan"):
-        cfg = DiagnoseConfig(cluster_method=method, n_bootstrap=200)
+    oof = None
+    if oof_folds:
+        from vision_si.oof import out_of_fold
+
+        t1 = time.perf_counter()
+        oof = out_of_fold(classifier_config(steps), d["images"][t], y[t], classes=[str(c) for c in range(k)],
+                          n_folds=oof_folds, seed=seed, out_dir=work / name / "oof")
+        out["oof_seconds"] = time.perf_counter() - t1
+    metadata = {"type": np.concatenate([d["types"][v], d["types"][t]])} if name == "elpv" else None
+    variants = [(m, None) for m in ("gmm", "hdbscan")] + ([(m, oof) for m in ("gmm", "hdbscan")] if oof else [])
+    for method, judged in variants:
+        cfg = DiagnoseConfig(cluster_method=method, n_bootstrap=200, stability_resamples=stability)
         t1 = time.perf_counter()
         diag = diagnose(cfg, classes=d["classes"], val=LabelledImages.of_labels(y[v], d["ids"][v]), val_probs=probs[v],
                         val_embeddings=emb[v], train=LabelledImages.of_labels(y[t], d["ids"][t]),
-                        train_embeddings=emb[t], seed=seed)
+                        train_embeddings=emb[t], seed=seed, metadata=metadata,
+                        train_probs=None if judged is None else judged.probs,
+                        train_folds=None if judged is None else judged.folds)
         secs = time.perf_counter() - t1
         val_slices = diag.members["slice_id"][: v.sum()]
         sets = [val_slices == s.slice_id for s in diag.weak_slices]
+        weak_train = np.isin(diag.members["slice_id"][v.sum():], [s.slice_id for s in diag.weak_slices])
+        truth_train = np.isin(d["group"][t], failing)
         res = {**score(sets, vg, failing, controls), "seconds": secs,
-               "weak_slices": [{"slice": s.slice_id, "class": s.class_name, "n_val": s.n_val,
-                                "error": s.error_rate, "class_error": s.class_error_rate} for s in diag.weak_slices]}
+               "train_recall": float((weak_train & truth_train).sum() / truth_train.sum()) if truth_train.any() else None,
+               "stability": float(np.mean([s.stability for s in diag.weak_slices]))
+               if stability and diag.weak_slices else None,
+               "weak_slices": [{"slice": s.slice_id, "class": s.class_name, "n_val": s.n_val, "n_judged": s.n_judged,
+                                "error": s.error_rate, "class_error": s.class_error_rate, "stability": s.stability,
+                                "description": s.description} for s in diag.weak_slices]}
         if name == "elpv":
             res["cell_type"] = cell_type_relation(diag, d, v, t)
-        out["methods"][f"vsi-{method}"] = res
+        out["methods"][f"vsi-{method}" + ("-oof" if judged is not None else "")] = res
     sets, secs = run_cleanlab(y[v], probs[v], emb[v], seed)
     out["methods"]["cleanlab"] = {**score(sets, vg, failing, controls), "seconds": secs}
     naive = [(y[v] == c) & (pred[v] != c) for c in range(k)]
@@ -304,8 +334,9 @@ def summarise(runs: list[dict]) -> dict:
         for m in rs[0]["methods"]:
             vals = [r["methods"][m] for r in rs]
             row = {}
-            for key in ("precision", "recall", "f1", "control_flagged", "slice_precision", "seconds"):
-                xs = [x[key] for x in vals if x[key] is not None]
+            for key in ("precision", "recall", "f1", "control_flagged", "slice_precision", "seconds", "train_recall",
+                        "stability"):
+                xs = [x[key] for x in vals if x.get(key) is not None]
                 row[key] = {"mean": float(np.mean(xs)), "sd": float(np.std(xs))} if xs else None
             row["groups_recovered"] = f"{sum(x['groups_recovered'] for x in vals)}/{sum(x['groups_planted'] for x in vals)}"
             methods[m] = row
@@ -336,11 +367,11 @@ def markdown(summary: dict, runs: list[dict]) -> str:
             lines.append(f"| {g} | {'yes' if p['failing'] else 'no (control)'} | {p['looks_like']} | "
                          f"{p['n_train']} | {p['n_val']} | {p['val_error']:.2f} | {p['rest_of_class_val_error']:.2f} |")
         lines += ["", "| method | image precision | image recall | image F1 | controls flagged | groups recovered "
-                  "| slice precision | seconds |", "|---|---|---|---|---|---|---|---|"]
+                  "| slice precision | train recall | stability | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
         for m, r in s["methods"].items():
             lines.append(f"| {m} | {fmt(r['precision'])} | {fmt(r['recall'])} | {fmt(r['f1'])} | "
                          f"{fmt(r['control_flagged'])} | {r['groups_recovered']} | {fmt(r['slice_precision'])} | "
-                         f"{fmt(r['seconds'])} |")
+                         f"{fmt(r.get('train_recall'))} | {fmt(r.get('stability'))} | {fmt(r['seconds'])} |")
         if name == "elpv":
             lines += ["", "Cell type (mono/poly, never seen by the model) against the clusters (vsi-gmm):", "",
                       "| seed | class | clusters | mono share | AMI(cluster, type) |", "|---|---|---|---|---|"]
@@ -363,7 +394,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, nargs=2, default=[400, 600], metavar=("DIGITS", "ELPV"))
     ap.add_argument("--out", default=str(RESULTS / "slices"))
     ap.add_argument("--work", default=str(RESULTS / "work" / "slices"))  # git-ignored checkpoints
+    ap.add_argument("--oof", type=int, default=0, metavar="K", help="also judge train out of fold with K folds")
+    ap.add_argument("--stability", type=int, default=0, metavar="N", help="re-clusterings per diagnosis")
+    ap.add_argument("--quick", action="store_true", help="smoke run: digits, one seed, 150 steps")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.datasets, args.seeds, args.steps = ["digits"], args.seeds[:1], [150, 150]
+        if args.out == str(RESULTS / "slices"):  # a smoke run never overwrites the benchmark's results
+            args.out = str(RESULTS / "work" / "slices-quick")
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     runs = []
@@ -371,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
         data = load_dataset(name)
         steps = args.steps[0] if name == "digits" else args.steps[1]
         for seed in args.seeds:
-            r = run_one(name, data, seed, steps, Path(args.work) / f"seed{seed}")
+            r = run_one(name, data, seed, steps, Path(args.work) / f"seed{seed}", args.oof, args.stability)
             runs.append(r)
             print(f"{name} seed {seed}: val acc {r['val_accuracy']:.3f} ({r['trainer']}, {r['train_seconds']:.0f} s); "
                   + "; ".join(f"{m} P {x['precision']:.2f} R {x['recall']:.2f} groups {x['groups_recovered']}/"

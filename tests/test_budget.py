@@ -104,3 +104,27 @@ def test_missing_exemplars_fall_back_to_class_mode_and_zero_total_is_empty():
     assert generation_requests(budget, LoopConfig(), rejected=0)[0].mode == "class"  # the allocation's own mode
     assert any("class-conditional" in n for n in notes)
     assert allocate(DiagnoseConfig(budget_total=0), [5, 0, 0, 0, 0], [50] * 5, [9] * 5) == ([], [])
+
+
+def test_a_slices_weight_is_multiplied_by_its_stability():
+    from dataclasses import replace
+
+    cfg = DiagnoseConfig(budget_total=120, budget_cap_fraction=1.0)
+    steady, shaky = slice_report(0, 0, 10, 20), slice_report(0, 1, 10, 20)
+    base = {a.slice_id: a.count for a in allocate(cfg, [20, 0, 0, 0, 0], [40] * 5, [100] * 5, [steady, shaky])[0]}
+    assert base["c0-s0"] == base["c0-s1"]  # equal errors, no stability measured: equal shares
+    budget, _ = allocate(cfg, [20, 0, 0, 0, 0], [40] * 5, [100] * 5,
+                         [replace(steady, stability=1.0), replace(shaky, stability=0.25)])
+    got = {a.slice_id: a.count for a in budget}
+    assert got["c0-s0"] == pytest.approx(4 * got["c0-s1"], abs=1)
+
+
+def test_a_slice_judged_out_of_fold_is_scored_by_its_judged_errors():
+    from dataclasses import replace
+
+    cfg = DiagnoseConfig(budget_total=100, budget_cap_fraction=1.0)
+    # one val error but 30 of the class's 200 judged images wrong (val + out-of-fold train)
+    s = replace(slice_report(0, 0, 1, 5), n_judged=40, n_judged_errors=30, class_n_judged=200)
+    budget, _ = allocate(cfg, [2, 0, 0, 0, 0], [40] * 5, [100] * 5, [s])
+    units = {a.slice_id: a.deficit for a in budget}
+    assert units["c0-s0"] == pytest.approx(30 / 200 * (1 - 100 / 500))

@@ -211,3 +211,166 @@ def test_bad_inputs_name_the_problem():
                  val_embeddings=data["x"][v], train=split(data, ~v), train_embeddings=data["x"][~v], seed=0)
     with pytest.raises(DataError, match="unique"):
         run({**data, "ids": np.array(["same"] * data["y"].size)})
+
+
+# --------------------------------------------------------------------------- issue 17: hidden failures
+
+
+def small_val(seed: int, fraction: float = 0.08) -> dict:
+    """The planted data with a val split too small to show the sub-group's failure on its own."""
+    data = synthetic(seed, planted=True)
+    data["val"] = np.random.default_rng(100 + seed).random(data["y"].size) < fraction
+    return data
+
+
+def flagged(diag) -> np.ndarray:
+    """Val-then-train rows that lie in a weak slice of any view."""
+    columns = [diag.members["slice_id"]] + [diag.members[f"slice_id_{v}"] for v in diag.views[1:]]
+    weak = [s.slice_id for s in diag.weak_slices]
+    return np.any([np.isin(c, weak) for c in columns], axis=0)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_out_of_fold_train_predictions_find_a_slice_val_alone_misses(seed):
+    data = small_val(seed)
+    v, t = data["val"], ~data["val"]
+    truth = np.concatenate([data["group"][v], data["group"][t]])
+    assert run(data, seed=seed).weak_slices == []  # a few val images of the sub-group: no evidence
+    folds = np.arange(t.sum()) % 5
+    diag = run(data, seed=seed, train_probs=data["probs"][t], train_folds=folds)
+    assert diag.judged == "val+oof-train"
+    assert [s.class_index for s in diag.weak_slices] == [0]
+    hit = flagged(diag)
+    assert (hit & truth).sum() / hit.sum() >= 0.95  # precision over val ∪ train
+    assert (hit & truth).sum() / truth.sum() >= 0.95  # recall
+    s = diag.weak_slices[0]
+    assert s.n_judged == s.n_val + s.n_train and s.n_judged_errors > s.n_val_errors
+    assert s.rest_error_rate < 0.15 < s.error_rate and s.top_confusion == "a -> b"
+    assert diag.members["oof_fold"].tolist() == [-1] * v.sum() + folds.tolist()
+    # metrics stay val-only
+    assert diag.per_class[0].support == (data["y"][v] == 0).sum()
+
+
+def tiny_group(seed: int) -> dict:
+    """Class 0 holds a far-off group of 4 val + 4 train images, every val one wrong; elsewhere 2% errors."""
+    rng = np.random.default_rng(seed)
+    k, n_per, d = len(CLASSES), 200, 16
+    centres = rng.standard_normal((k, d)) * 4
+    x = np.concatenate([centres[c] + rng.standard_normal((n_per, d)) for c in range(k)]).astype(np.float32)
+    y = np.repeat(np.arange(k), n_per)
+    group = np.zeros(y.size, bool)
+    group[:8] = True
+    x[group] += rng.standard_normal(d) * 6
+    is_val = np.zeros(y.size, bool)
+    is_val[:4] = True
+    is_val[8:] = rng.random(y.size - 8) < 0.5
+    wrong = np.where(group, is_val, rng.random(y.size) < 0.02)
+    pred = np.where(wrong, (y + 1) % k, y)
+    probs = np.full((y.size, k), 0.1)
+    probs[np.arange(y.size), pred] = 1 - 0.1 * (k - 1)
+    return {"x": x, "y": y, "group": group, "val": is_val, "probs": probs,
+            "ids": np.array([f"img{i:05d}" for i in range(y.size)])}
+
+
+def test_a_small_slice_is_reported_on_evidence_when_the_size_floor_allows_it():
+    data = tiny_group(0)
+    assert run(data, DiagnoseConfig(n_bootstrap=200, min_slice_size=5)).weak_slices == []  # 4 < floor of 5
+    diag = run(data, DiagnoseConfig(n_bootstrap=200, min_slice_size=3))
+    assert len(diag.weak_slices) == 1
+    s = diag.weak_slices[0]
+    assert s.n_val == 4 and s.n_val_errors == 4 and s.class_index == 0
+    v = data["val"]
+    in_slice = diag.members["slice_id"][: v.sum()] == s.slice_id
+    assert (in_slice == data["group"][v]).all()
+
+
+def test_uniform_errors_stay_unreported_at_a_low_size_floor():
+    found = []
+    for seed in range(5):
+        found += run(synthetic(seed, planted=False), DiagnoseConfig(n_bootstrap=200, min_slice_size=3),
+                     seed=seed).weak_slices
+    assert found == []
+
+
+def test_slice_is_described_by_the_metadata_value_it_is_enriched_for():
+    data = synthetic(0, planted=True)
+    v, t = data["val"], ~data["val"]
+    rng = np.random.default_rng(5)
+    p_mono = np.where(data["group"], 0.9, 0.3)
+    cell_type = np.where(rng.random(data["y"].size) < p_mono, "mono", "poly")
+    noise = rng.choice(["x", "y", "z"], data["y"].size)
+    order = lambda a: np.concatenate([a[v], a[t]])  # noqa: E731  (val rows then train rows)
+    diag = run(data, metadata={"type": order(cell_type), "site": order(noise)})
+    s = diag.weak_slices[0]
+    assert s.enriched_for == "type=mono"
+    assert s.enrichment_odds_ratio > 3 and s.enrichment_p < 0.05
+    assert "a -> b" in s.description and "enriched for type=mono" in s.description
+    # a column with nothing to say does not describe the slice
+    plain = run(data, metadata={"site": order(noise)}).weak_slices[0]
+    assert plain.enrichment_p is None or plain.enrichment_p > 0.001
+    with pytest.raises(DataError, match="metadata"):
+        run(data, metadata={"type": cell_type[:10]})
+
+
+def test_a_label_free_view_finds_a_slice_the_classifiers_embeddings_hide():
+    data = synthetic(1, planted=True)
+    v, t = data["val"], ~data["val"]
+    rng = np.random.default_rng(9)
+    # the classifier's view: the sub-group's shift removed, so class 0 is one blob
+    x_clf = data["x"].copy()
+    x_clf[data["group"]] = data["x"][~data["group"] & (data["y"] == 0)][: data["group"].sum()]
+    ssl = np.concatenate([data["x"], rng.standard_normal((data["y"].size, 8)).astype(np.float32)], axis=1)
+    diag = diagnose(DiagnoseConfig(n_bootstrap=200), classes=CLASSES, val=split(data, v), val_probs=data["probs"][v],
+                    val_embeddings=x_clf[v], train=split(data, t), train_embeddings=x_clf[t], seed=0,
+                    extra_views={"ssl": (ssl[v], ssl[t])})
+    assert diag.views == ["classifier", "ssl"]
+    assert [(s.view, s.class_index) for s in diag.weak_slices] == [("ssl", 0)]
+    s = diag.weak_slices[0]
+    assert s.slice_id.startswith("ssl-c0-") and s.description.startswith("[ssl]")
+    in_slice = diag.members["slice_id_ssl"][: v.sum()] == s.slice_id
+    truth = data["group"][v]
+    assert (in_slice & truth).sum() / (in_slice | truth).sum() >= 0.8
+    assert any(a.slice_id == s.slice_id for a in diag.budget)
+    with pytest.raises(DataError, match="extra_views"):
+        run(data, extra_views={"ssl": (ssl[v][:5], ssl[t])})
+
+
+def test_stability_is_high_for_a_planted_slice_and_weighs_the_budget():
+    diag = run(synthetic(0, planted=True), DiagnoseConfig(n_bootstrap=200, stability_resamples=8))
+    weak = diag.weak_slices[0]
+    assert weak.stability >= 0.85
+    assert all(0.0 <= s.stability <= 1.0 for s in diag.slices)
+    assert all(s.stability <= 0.5 for s in diag.slices if s.class_index != 0)  # nothing to find there
+    assert run(synthetic(0, planted=True)).weak_slices[0].stability is None  # off by default
+
+
+def test_new_fields_round_trip_and_old_files_still_load(tmp_path):
+    import csv
+    import json
+
+    data = small_val(0)
+    t = ~data["val"]
+    diag = run(data, DiagnoseConfig(n_bootstrap=200, stability_resamples=2), train_probs=data["probs"][t],
+               train_folds=np.arange(t.sum()) % 3, extra_views={"ssl": (data["x"][data["val"]], data["x"][t])})
+    diag.save(tmp_path / "new")
+    back = Diagnosis.load(tmp_path / "new")
+    assert back.to_dict() == diag.to_dict()
+    for key in ("oof_fold", "slice_id_ssl"):
+        assert back.members[key].tolist() == diag.members[key].tolist()
+    # a diagnosis written before these fields: no judged/views, slices without the new keys, 4 member columns
+    old = json.loads((tmp_path / "new" / "diagnosis.json").read_text())
+    for key in ("judged", "views"):
+        old.pop(key)
+    new_keys = ("view", "n_judged", "n_judged_errors", "class_n_judged", "rest_error_rate", "stability",
+                "top_confusion", "enriched_for", "enrichment_odds_ratio", "enrichment_p", "description")
+    old["slices"] = [{k: v for k, v in s.items() if k not in new_keys} for s in old["slices"]]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "diagnosis.json").write_text(json.dumps(old))
+    with (tmp_path / "old" / "members.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "split", "class_index", "slice_id"])
+        w.writerow(["img00001", "val", 0, "c0-s0"])
+    legacy = Diagnosis.load(tmp_path / "old")
+    assert legacy.judged == "val" and legacy.views == ["classifier"]
+    assert all(s.view == "classifier" and s.stability is None for s in legacy.slices)
+    assert set(legacy.members) == {"id", "split", "class_index", "slice_id"}

@@ -183,3 +183,17 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert re.search(r'data-images-ok="true"', dom), "an image did not decode (or the check script was blocked)"
     assert f'data-images="{n_images}"' in dom and n_images >= 25
     assert len(parse(dom).of("script")) == 1  # the hostile class name stayed text, never became a script
+
+
+@pytest.mark.parametrize("with_png", [True, False])
+def test_round_zero_only_run_shows_round_zeros_val_confusion(tmp_path, with_png):
+    """With no round accepted, round 00's diagnosis is the only one: it is shown, never called missing."""
+    rd = build_run_dir(tmp_path, rounds=0)
+    if not with_png:  # the table from diagnosis.json stands in for a missing plot
+        (rd / "round-00" / "diagnose" / "confusion.png").unlink()
+    text = write_report(rd).read_text(encoding="utf-8")
+    section = text[text.index("<h3>Confusion on val</h3>"):]
+    section = section[: section.index("</section>")]
+    assert "<h4>round 00 (the only diagnosis: no later round was accepted)</h4>" in section
+    assert "Not available" not in section
+    assert ('alt="confusion on val"' in section) if with_png else ('class="cm"' in section)

@@ -10,7 +10,11 @@ when `err_c > 0` and `err_c` is at least the mean per-class error rate (1 − ba
 Each weak class's deficit is split over its units in proportion to the val errors each accounts
 for: one unit per weak slice (`e_s / E_c` of `D_c`), and a class-level unit (`slice_id="class"`)
 for the errors outside its weak slices. So a unit's score is `(e_u / n_val_c) × (1 − share_c)`:
-the share of the class's val images it gets wrong, weighted by scarcity.
+the share of the class's val images it gets wrong, weighted by scarcity. A weak slice counts its
+errors over its judged images (val, plus train when judged out of fold: `e_s / n_judged_c`) and, when
+its stability was measured, is weighed by it (`× stability`, so a slice that re-clustering does not
+find again gets little). The class-level unit subtracts only the classifier view's slices' val
+errors: a slice of another view (`ssl`) may hold the same errors.
 
 Allocation. `budget_total` images are shared in proportion to the scores, with every unit at
 least `budget_floor` and at most `floor(budget_cap_fraction × total)` (shares `clip(λ·score, floor, cap)`
@@ -31,7 +35,7 @@ import numpy as np
 
 from vision_si.config import DiagnoseConfig
 from vision_si.errors import ConfigError
-from vision_si.slices import SliceReport
+from vision_si.slices import CLASSIFIER_VIEW, SliceReport
 
 CLASS_SLICE = "class"
 
@@ -94,6 +98,12 @@ def largest_remainder(shares: np.ndarray, total: int, cap: int, order: np.ndarra
     return counts
 
 
+def slice_score(s: SliceReport, class_val: int) -> float:
+    """A weak slice's share of its class's judged images that it gets wrong, times its stability when measured."""
+    share = s.n_judged_errors / s.class_n_judged if s.class_n_judged else s.n_val_errors / max(class_val, 1)
+    return share * (1.0 if s.stability is None else s.stability)
+
+
 def weak_classes_of(class_errors: np.ndarray, class_val: np.ndarray, slices: list[SliceReport]) -> list[int]:
     """Classes holding a weak slice, or with val errors at or above the mean per-class error rate."""
     present = class_val > 0
@@ -127,8 +137,9 @@ def allocate_budget(cfg: DiagnoseConfig, *, classes: list[str], class_errors: np
     for k in weak_classes:
         inside = 0
         for s in (s for s in weak_slices if s.class_index == k):
-            units.append((k, s.slice_id, s.n_val_errors / class_val[k] * scarcity[k], s.exemplar_ids))
-            inside += s.n_val_errors
+            units.append((k, s.slice_id, slice_score(s, class_val[k]) * scarcity[k], s.exemplar_ids))
+            if s.view == CLASSIFIER_VIEW:  # another view's slice may hold the same errors: not subtracted twice
+                inside += s.n_val_errors
         rest = class_errors[k] - inside
         if rest > 0:
             units.append((k, CLASS_SLICE, rest / class_val[k] * scarcity[k], class_exemplars.get(k, [])))

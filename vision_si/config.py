@@ -151,6 +151,12 @@ class DiagnoseConfig:
     budget_floor: int = 0  # minimum images for every allocation that gets any
     budget_cap_fraction: float = 0.6  # no single allocation above this share of the total
     embedding_map: Literal["auto", "umap", "pca", "tsne"] = "auto"
+    # out-of-fold judgement of train images (vision_si.oof): K classifiers cross-fitted over train with the
+    # classifier's recipe, each predicting the fold it did not train on; 0 is off (val alone is judged)
+    oof_folds: int = 0
+    oof_epochs: float | None = None  # each fold model's budget in epochs of its real images (None: the recipe's)
+    # re-clusterings on subsamples that measure each slice's stability (0: off, no stability recorded)
+    stability_resamples: int = 0
 
 
 @dataclass
@@ -687,6 +693,9 @@ def validate_config(cfg: RunConfig) -> None:
     _check(g.n_exemplars >= 1, "diagnose.n_exemplars", g.n_exemplars, ">= 1")
     _check(0 <= g.budget_total <= 1_000_000, "diagnose.budget_total", g.budget_total, "0 to 1,000,000")
     _check(g.budget_floor >= 0, "diagnose.budget_floor", g.budget_floor, ">= 0")
+    _check(g.oof_folds == 0 or 2 <= g.oof_folds <= 20, "diagnose.oof_folds", g.oof_folds, "0 (off) or 2 to 20")
+    _check(g.oof_epochs is None or g.oof_epochs > 0, "diagnose.oof_epochs", g.oof_epochs, "null or > 0")
+    _check(0 <= g.stability_resamples <= 200, "diagnose.stability_resamples", g.stability_resamples, "0 to 200")
     _check(0 < g.budget_cap_fraction <= 1, "diagnose.budget_cap_fraction", g.budget_cap_fraction, "0 < x <= 1")
     n = cfg.generate
     _check(0 <= n.strength <= 1, "generate.strength", n.strength, "0 to 1")

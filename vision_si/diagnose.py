@@ -56,7 +56,8 @@ from vision_si.metrics import (
     per_class_scores,
     wilson_interval,
 )
-from vision_si.slices import SliceReport, find_slices
+from vision_si.slice_description import check_metadata, describe_slices
+from vision_si.slices import CLASSIFIER_VIEW, SliceReport, find_slices
 
 SCHEMA = 1
 N_PAIRS = 10
@@ -97,6 +98,10 @@ class Diagnosis:
     notes: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     members: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # id/split/class/slice arrays
+    # optional (a diagnosis saved before them loads with these): which images' errors were judged
+    # ("val", or "val+oof-train" with out-of-fold train predictions), and the views clustered
+    judged: str = "val"
+    views: list[str] = field(default_factory=lambda: [CLASSIFIER_VIEW])
 
     @property
     def weak_slices(self) -> list[SliceReport]:
@@ -119,11 +124,14 @@ class Diagnosis:
         _write_csv(out / "slices.csv", [asdict(s) for s in self.slices], SliceReport)
         _write_csv(out / "budget.csv", [asdict(a) for a in self.budget], Allocation)
         m = self.members
-        rows = zip(m.get("id", []), m.get("split", []), m.get("class_index", []), m.get("slice_id", []), strict=True)
+        # optional columns after the four fixed ones: oof_fold (-1 for val), slice_id_<view> per extra view
+        extra = [key for key in m if key == "oof_fold" or key.startswith("slice_id_")]
+        columns = ["id", "split", "class_index", "slice_id", *extra]
+        rows = zip(*(m.get(key, []) for key in columns), strict=True)
         tmp = out / "members.csv.tmp"
         with tmp.open("w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["id", "split", "class_index", "slice_id"])
+            w.writerow(columns)
             w.writerows(rows)
         os.replace(tmp, out / "members.csv")
         return out
@@ -143,13 +151,15 @@ class Diagnosis:
         mpath = Path(out_dir) / "members.csv"
         if mpath.is_file():
             with mpath.open(newline="") as fh:
-                for row in csv.DictReader(fh):
+                reader = csv.DictReader(fh)
+                for key in reader.fieldnames or []:
+                    if key == "oof_fold" or key.startswith("slice_id_"):
+                        members[key] = []
+                for row in reader:
                     for key in members:
                         members[key].append(row[key])
-        d["members"] = {"id": np.array(members["id"], dtype=object),
-                        "split": np.array(members["split"], dtype=object),
-                        "class_index": np.array(members["class_index"], dtype=np.int64),
-                        "slice_id": np.array(members["slice_id"], dtype=object)}
+        d["members"] = {key: np.array(values, dtype=np.int64 if key in ("class_index", "oof_fold") else object)
+                        for key, values in members.items()}
         return cls(**d)
 
 
@@ -289,24 +299,50 @@ def _margins(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def diagnose(cfg: DiagnoseConfig, *, classes: list[str], val: LabelledImages, val_probs: np.ndarray,
              val_embeddings: np.ndarray, train: LabelledImages, train_embeddings: np.ndarray, seed: int,
-             mode: str = "exemplar", strength: float = 0.5) -> Diagnosis:
+             mode: str = "exemplar", strength: float = 0.5, train_probs: np.ndarray | None = None,
+             train_folds: np.ndarray | None = None, metadata: dict[str, np.ndarray] | None = None,
+             extra_views: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Diagnosis:
     """Metrics with CIs, weak slices and the synthesis budget from `val` predictions and real embeddings.
 
     Of the `val` and `train` splits only the labels and ids are read; `*_probs` and `*_embeddings`
     are the model's outputs on them, row for row. `mode` and `strength` are recorded in the budget.
+
+    Optional: `train_probs`, out-of-fold predicted probabilities of the train images (`vision_si.oof`),
+    makes the slices judge train images as well as val (`train_folds`, each train image's fold, is
+    recorded in `members["oof_fold"]`); the metrics, confusion matrix and class errors stay val-only.
+    `metadata` maps a column name to one value per val-then-train image (e.g. ELPV's cell type): each
+    slice is described by the value it is most enriched for. `extra_views` maps a view name (e.g.
+    `"ssl"`) to (val, train) embeddings of another encoder, clustered and tested like the classifier's.
     """
     t0 = time.perf_counter()
     classes = list(classes)
     vl, vp, ve, vid, tl, te, tid = _check_inputs(classes, val.labels, val_probs, val_embeddings, val.ids,
                                                  train.labels, train_embeddings, train.ids)
+    tp = _check_train_probs(train_probs, tl.size, len(classes))
+    views = _check_views(extra_views, vl.size, tl.size)
+    meta = check_metadata(metadata, vl.size + tl.size)
     timings = {}
     overall, reports, cm, pairs = class_metrics(cfg, classes, vl, vp, tl, seed)
     timings["metrics"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     preds = vp.argmax(1)
-    slices, val_slice, train_slice, class_exemplars = find_slices(
+    slices, val_slice, train_slice, class_exemplars, per_view = find_slices(
         cfg, classes=classes, val_labels=vl, val_preds=preds, val_margins=_margins(vp, vl), val_embeddings=ve,
-        val_ids=vid, train_labels=tl, train_embeddings=te, train_ids=tid, seed=seed)
+        val_ids=vid, train_labels=tl, train_embeddings=te, train_ids=tid, seed=seed,
+        train_preds=None if tp is None else tp.argmax(1), train_margins=None if tp is None else _margins(tp, tl),
+        extra_views=views)
+    members = {"id": np.concatenate([vid, tid]),
+               "split": np.array(["val"] * vl.size + ["train"] * tl.size, dtype=object),
+               "class_index": np.concatenate([vl, tl]),
+               "slice_id": np.concatenate([val_slice, train_slice])}
+    if train_folds is not None:
+        folds = np.asarray(train_folds, dtype=np.int64)
+        if folds.shape != (tl.size,):
+            raise DataError(f"train_folds: expected {tl.size} fold indices, got shape {folds.shape}")
+        members["oof_fold"] = np.concatenate([np.full(vl.size, -1, np.int64), folds])
+    members.update({f"slice_id_{name}": ids for name, ids in per_view.items()})
+    describe_slices(slices, class_index=members["class_index"],
+                    members={CLASSIFIER_VIEW: members["slice_id"], **per_view}, metadata=meta)
     timings["slices"] = time.perf_counter() - t1
     weak = set(weak_classes_of(cm.sum(1) - np.diag(cm), cm.sum(1), slices))
     for r in reports:
@@ -318,10 +354,36 @@ def diagnose(cfg: DiagnoseConfig, *, classes: list[str], val: LabelledImages, va
         mode=mode, strength=strength)
     timings["budget"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t0
-    members = {"id": np.concatenate([vid, tid]),
-               "split": np.array(["val"] * vl.size + ["train"] * tl.size, dtype=object),
-               "class_index": np.concatenate([vl, tl]),
-               "slice_id": np.concatenate([val_slice, train_slice])}
     return Diagnosis(classes=classes, seed=seed, config=asdict(cfg), n_val=int(vl.size), n_train=int(tl.size),
                      overall=overall, per_class=reports, confusion=cm.tolist(), confused_pairs=pairs,
-                     slices=slices, budget=budget, notes=notes, timings_s=timings, members=members)
+                     slices=slices, budget=budget, notes=notes, timings_s=timings, members=members,
+                     judged="val" if tp is None else "val+oof-train", views=[CLASSIFIER_VIEW, *per_view])
+
+
+def _check_train_probs(train_probs: np.ndarray | None, m: int, k: int) -> np.ndarray | None:
+    if train_probs is None:
+        return None
+    tp = np.asarray(train_probs, dtype=np.float64)
+    if tp.shape != (m, k):
+        raise DataError(f"train_probs: expected shape ({m}, {k}) (train images × classes), got {tp.shape}")
+    if tp.size and (not np.isfinite(tp).all() or (tp < -1e-6).any() or np.abs(tp.sum(1) - 1).max() > 1e-3):
+        raise DataError("train_probs: rows must be probabilities (finite, >= 0, summing to 1); pass softmax, not logits")
+    return tp
+
+
+def _check_views(extra_views: dict | None, n: int, m: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for name, pair in (extra_views or {}).items():
+        if not isinstance(name, str) or not name.isidentifier() or name == CLASSIFIER_VIEW:
+            raise DataError(f"extra_views: a view name must be a plain word other than {CLASSIFIER_VIEW!r}, "
+                            f"got {name!r}")
+        if not isinstance(pair, tuple | list) or len(pair) != 2:
+            raise DataError(f"extra_views[{name!r}]: expected (val_embeddings, train_embeddings)")
+        ve, te = np.asarray(pair[0]), np.asarray(pair[1])
+        if ve.ndim != 2 or ve.shape[0] != n or te.ndim != 2 or te.shape != (m, ve.shape[1]):
+            raise DataError(f"extra_views[{name!r}]: expected shapes ({n}, D) and ({m}, D), got {ve.shape} and "
+                            f"{te.shape}")
+        if not (np.isfinite(ve).all() and np.isfinite(te).all()):
+            raise DataError(f"extra_views[{name!r}]: contains NaN or infinite values")
+        out[name] = (ve, te)
+    return out

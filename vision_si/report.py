@@ -237,13 +237,17 @@ def diagnosis_pair(run: RunView, filename: str, what: str, fallback: Any, stacke
     if first is None:
         return na(f"{what} (no diagnosis)")
 
-    def one(r: int) -> str:
+    def one(r: int, note: str = "") -> str:
         d = run.round_dir(r) / "diagnose"
         body = img(image_bytes(d / filename), what, "plot") if (d / filename).is_file() else fallback(d)
-        return f"<h4>round {r:02d}</h4>{body}"
+        return f"<h4>round {r:02d}{esc(note)}</h4>{body}"
 
-    right = one(last) if last != first else na("a later diagnosis (no round was accepted)")
-    both = f'<div class="stack">{one(first)}{right}</div>' if stacked else pair(one(first), right)
+    if last == first:
+        # one diagnosis only (no round accepted): show it under its own heading; a "not available"
+        # placeholder beside or below it read as if round 00's own diagnosis were missing
+        only = one(first, " (the only diagnosis: no later round was accepted)")
+        return f"<h3>{esc(what.capitalize())}</h3>" + (f'<div class="stack">{only}</div>' if stacked else only)
+    both = f'<div class="stack">{one(first)}{one(last)}</div>' if stacked else pair(one(first), one(last))
     return f"<h3>{esc(what.capitalize())}</h3>" + both
 
 

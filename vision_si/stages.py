@@ -12,7 +12,8 @@ and saves that stage's typed result in the stage folder it is handed.
 
 `val` is divided once (`data.judge_split`, `gate.judge_fraction`, the run's seed): the *selecting*
 half feeds the diagnosis, the filter's threshold calibration, the training history and the gate's
-calibration; the *judging* half is read only by the gate's decision. The images that chose what a
+calibration; the *judging* half is read only by the gate's decision. The diagnosis reads the selecting
+half and the train split (with `diagnose.oof_folds`, train judged out of fold), never the judging half. The images that chose what a
 round made never decide whether it joins training.
 
 `generation_requests` is the one conversion of a diagnosis budget into generation requests, and
@@ -42,6 +43,7 @@ from vision_si.generators.ray_engine import engine_generate_fn
 from vision_si.generators.runner import load_generated, read_manifest, run_generation
 from vision_si.invariants import Invariants
 from vision_si.metrics import bootstrap_interval, classification_metrics
+from vision_si.oof import out_of_fold
 from vision_si.report_plots import write_diagnosis_plots
 from vision_si.rundir import atomic_write_json
 
@@ -99,6 +101,7 @@ class Stages:
         self.channels = int(data.pixels("train").shape[1])
         self.encoder = None  # the self-supervised encoder, when the run has one (Loop.pretrain_stage)
         select, judge = judge_split(data.labels("val"), cfg.gate.judge_fraction, cfg.seed)
+        self._val_select_rows = data.index("val")[select]  # table rows of the selecting half
         val = data.split("val")
         self.val_select, self.val_judge = val.subset(select), val.subset(judge)
 
@@ -129,17 +132,46 @@ class Stages:
             extra_ids=pool.ids or None, augment=self.augment(seed), progress=self.progress)
 
     def diagnose(self, model: TrainedClassifier, out: Path) -> None:
+        """Reads the selecting half of val and the train split (never the judging half, never test).
+
+        With `diagnose.oof_folds`, `oof_folds` classifiers are cross-fitted over the real train split into
+        `out/oof/fold-k/` and the train images are judged by the fold model that did not train on them;
+        with the run's encoder (`pretrain.use_for` holding `diagnosis`) its embeddings are a second view.
+        """
         val, train = self.val_select, self.data.split("train")
         val_out, train_out = self.predict(model, val.images), self.predict(model, train.images)
-        g = self.cfg.generate
-        diag = diagnose(self.cfg.diagnose, classes=self.data.classes, val=val, val_probs=val_out.probs,
+        g, dc = self.cfg.generate, self.cfg.diagnose
+        oof = None
+        if dc.oof_folds:
+            oof = out_of_fold(self.cfg.classifier, train.images, train.labels, classes=self.data.classes,
+                              n_folds=dc.oof_folds, seed=self.cfg.seed, out_dir=out / "oof", epochs=dc.oof_epochs,
+                              val_images=val.images, val_labels=val.labels, augment=self.augment,
+                              progress=self.progress)
+        views = {}
+        if self.encoder is not None and "diagnosis" in self.cfg.pretrain.use_for:
+            views["ssl"] = (self.encoder.embed(val.images), self.encoder.embed(train.images))
+        diag = diagnose(dc, classes=self.data.classes, val=val, val_probs=val_out.probs,
                         val_embeddings=val_out.embeddings, train=train, train_embeddings=train_out.embeddings,
-                        seed=self.cfg.seed, mode=g.mode, strength=g.strength)
+                        seed=self.cfg.seed, mode=g.mode, strength=g.strength,
+                        train_probs=None if oof is None else oof.probs, train_folds=None if oof is None else oof.folds,
+                        metadata=self.metadata_columns(), extra_views=views)
         diag.save(out)
         # exemplar grids show training exemplars and the val images the slice gets wrong
         by_id = dict(zip(train.ids, train.images, strict=True)) | dict(zip(val.ids, val.images, strict=True))
         write_diagnosis_plots(diag, out, val_embeddings=val_out.embeddings, val_labels=val.labels,
                               val_probs=val_out.probs, seed=self.cfg.seed, images_by_id=by_id)
+
+    def metadata_columns(self, max_values: int = 20) -> dict[str, np.ndarray]:
+        """The table's categorical metadata (at most `max_values` distinct values, e.g. ELPV's cell type),
+        one value per selecting-val then train image, as the diagnosis describes slices by it."""
+        rows = np.concatenate([self._val_select_rows, self.data.index("train")])
+        meta = [self.data.table.metadata[i] for i in rows] if self.data.table.metadata else []
+        columns = {}
+        for key in sorted({key for m in meta for key in m}):
+            values = np.array([str(m.get(key, "")) for m in meta], dtype=object)
+            if 1 < len(set(values.tolist())) <= max_values:
+                columns[key] = values
+        return columns
 
     def generate(self, requests: list[GenerationRequest], id_prefix: str, current: TrainedClassifier,
                  out: Path) -> None:
