@@ -292,15 +292,17 @@ class Study:
         return self._encoder
 
     def judge_generator(self, fraction: float) -> dict[str, Any]:
-        """CAS, KID, precision/recall and memorisation rate of the fraction's generator (cached)."""
-        out = self.work / f"f{fkey(fraction)}" / "generator"
+        """CAS, KID, precision/recall and memorisation rate of the fraction's generator, cached in a folder
+        named by the generator's cache key (another preset or subsample is judged anew)."""
+        cell = self.cell(fraction, 0)
+        cfg = cell.cfg("D", self.generator_seed)
+        key = self.generator_key(cell.real, cfg, self.generator_seed)
+        out = self.work / f"f{fkey(fraction)}" / f"generator-{key[:16]}"
         done = out / "metrics.json"
         if done.is_file():
             return read_json(done)
         t0 = time.time()
         gm = self.profile.get("generator_metrics") or {}
-        cell = self.cell(fraction, 0)
-        cfg = cell.cfg("D", self.generator_seed)
         path = self.generator_dir(fraction)
         gen_cfg = cfg.generate
         gen_cfg.mode = "class"
@@ -331,7 +333,7 @@ class Study:
 
         size = min(16, int(self.real.x["train"].shape[-1]))
         mem = memorisation_rate(pixel_vectors(syn, size), pixel_vectors(cell.real.x["train"], size), threshold)
-        metrics = {"cas_val_macro_f1": float(cas), "kid": kid_mean, "kid_std": kid_std, "precision": prec,
+        metrics = {"fraction": fraction, "preset": cfg.generate.preset, "cas_val_macro_f1": float(cas), "kid": kid_mean, "kid_std": kid_std, "precision": prec,
                    "recall": rec, "memorisation_rate": mem, "memorisation_threshold": threshold,
                    "n_synthetic": int(len(syn_y)), "n_train_generator": int(len(cell.real.y["train"])),
                    "generator": path.name, "generator_sha256": res.generator_sha256,
@@ -457,6 +459,7 @@ def run_study(profile: dict[str, Any], *, arms: Sequence[str] | None = None, rep
     work = Path(work) if work is not None else RESULTS / "work" / "efficacy_v2" / name
     out_stem = Path(out_stem) if out_stem is not None else RESULTS / ("efficacy_v2" if name == "v2_full"
                                                                       else f"efficacy_{name}")
+    guard_work_folder(profile, work)
     study = Study(profile, work, progress=progress, echo=echo)
     fractions = profile["fractions"]
     generator = {fkey(f): study.judge_generator(f) for f in fractions}  # before any arm
@@ -473,6 +476,20 @@ def run_study(profile: dict[str, Any], *, arms: Sequence[str] | None = None, rep
     atomic_write_text(out_stem.with_suffix(".md"), markdown(result))
     plot_learning_curve(result, out_stem.with_suffix(".png"))
     return result
+
+
+def guard_work_folder(profile: dict[str, Any], work: Path) -> None:
+    """A work folder holds the products of one profile (arms and repetitions may grow): cached results of
+    another recipe would be reused silently, so a folder made with other settings is refused."""
+    settings = {k: v for k, v in profile.items() if k not in ("arms", "name")}
+    record = Path(work) / "profile.json"
+    if record.is_file():
+        if read_json(record) != json.loads(json.dumps(settings)):
+            raise ConfigError(f"work folder '{work}' was made with other profile settings ({record}); "
+                              "pass another --work or delete the folder")
+        return
+    record.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, settings)
 
 
 def collect(study: Study, *, arms: Sequence[str], generator: dict[str, Any]) -> dict[str, Any]:

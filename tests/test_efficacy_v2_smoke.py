@@ -121,12 +121,27 @@ def test_generator_metrics_are_finite_and_generators_trained_once(quick):
     assert sum("training its generator" in m for m in log) == 2  # one per fraction, shared by repetitions
 
 
-def test_rerun_resumes_without_training(quick, v2):
+def test_rerun_resumes_without_training_and_refuses_other_settings(quick, v2):
+    from vision_si.errors import ConfigError
+
     tmp, profile, res, _ = quick
     log: list[str] = []
     again = v2.run_study(profile, work=tmp / "work", out_stem=tmp / "out2", echo=log.append, command="test")
     assert not any("start" in m or "training" in m for m in log)
     assert again["arms"] == res["arms"] and again["comparisons"] == res["comparisons"]
+    assert again["generator"] == res["generator"]
+    with pytest.raises(ConfigError, match="other profile settings"):
+        v2.run_study({**profile, "repetitions": 3}, work=tmp / "work", out_stem=tmp / "out3", echo=log.append)
+
+
+def test_loop_round0_is_arm_a_model(quick):
+    """E differs from A only by what the loop adds: its round 0 has A's weights bit for bit."""
+    tmp, _, _, _ = quick
+    for f in ("0.25", "1.0"):
+        for r in (0, 1):
+            cell = tmp / "work" / f"f{f}" / f"seed-{r}"
+            a = (cell / "A" / "model" / "model.safetensors").read_bytes()
+            assert (cell / "E" / "run" / "round-00" / "train" / "seed-0" / "model.safetensors").read_bytes() == a
 
 
 def test_bad_profile_values_are_refused(v2, tmp_path):
