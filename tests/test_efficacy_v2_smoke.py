@@ -154,6 +154,8 @@ def test_bad_profile_values_are_refused(v2, tmp_path):
     path.write_text("arms: [A, Z]\nrun: {data: {source: digits}}\n")
     with pytest.raises(ConfigError, match="unknown arm 'Z'"):
         v2.load_profile(str(path))
+    assert v2.main(["--quick", "--arms", "A", "Z", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "w").exists()  # refused before any work
 
 
 def test_worth_and_interval_helpers(v2):
