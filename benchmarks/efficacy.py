@@ -11,7 +11,8 @@ classifier, the split seed stays fixed):
   C  B + E's exemplars oversampled (real copies, albumentations only), as many as E added
   D  B + untargeted class-mode images of the same generator, as many as E added, uniform over classes
   E  the loop (`run_loop`): diagnosis-targeted exemplar generation, filter, gate, on B's recipe
-  E-nofilter / E-nogate / E-class  ablations of E (filter.enabled=[], gate.enabled=false, class mode)
+  E-nofilter / E-nogate / E-class / E-guided  ablations of E (filter.enabled=[], gate.enabled=false, class
+  mode, classifier-guided mode)
 
 "As many as E added" is the number of synthetic images in E's final training set; when E's gate
 refused every round it is the number E's filter passed to the gate in round 1 (the pool that was
@@ -26,6 +27,7 @@ as the evidence that is allowed to explain a result. Work lives under `benchmark
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import sys
 import time
@@ -50,13 +52,13 @@ from vision_si.rundir import atomic_write_json, atomic_write_text, read_json
 HERE = Path(__file__).resolve().parent
 PROFILES = HERE / "efficacy_profiles"
 RESULTS = HERE / "results"
-ARMS = ("A", "B", "C", "D", "E", "E-nofilter", "E-nogate", "E-class")
+ARMS = ("A", "B", "C", "D", "E", "E-nofilter", "E-nogate", "E-class", "E-guided")
 LOOP_ARMS = {"E": [], "E-nofilter": ["filter.enabled=[]"], "E-nogate": ["gate.enabled=false"],
-             "E-class": ["generate.mode=class"]}
+             "E-class": ["generate.mode=class"], "E-guided": ["generate.mode=guided"]}
 # stages of E's run directory that an ablation can take over unchanged (they do not read what it changes)
 ABLATION_REUSE = {"E-nofilter": ["round-00/train", "round-00/diagnose", "round-01/generate"],
                   "E-nogate": ["round-00/train", "round-00/diagnose", "round-01/generate", "round-01/filter"],
-                  "E-class": ["round-00/train"]}
+                  "E-class": ["round-00/train"], "E-guided": ["round-00/train"]}
 DEITSCH = {"cnn_accuracy": 0.8842, "svm_accuracy": 0.8244,
            "reference": "Deitsch et al. (2019), Solar Energy 185, 455-468: stratified 75/25 split, 4 classes"}
 METRICS = ("macro_f1", "balanced_accuracy", "accuracy")
@@ -105,12 +107,28 @@ class Real:
     def split(self, s: str) -> LabelledImages:
         return LabelledImages(self.x[s], self.y[s], self.ids[s], [self.table.sha256[i] for i in self.index[s]])
 
+    def with_train(self, rows: np.ndarray) -> Real:
+        """A view whose train split is `rows` (positions in train, in order); val and test are shared."""
+        view = copy.copy(self)
+        rows = np.asarray(rows, np.int64)
+        view.index = {**self.index, "train": self.index["train"][rows]}
+        view.x = {**self.x, "train": self.x["train"][rows]}
+        view.y = {**self.y, "train": self.y["train"][rows]}
+        view.ids = {**self.ids, "train": [self.ids["train"][i] for i in rows]}
+        return view
+
 
 # --------------------------------------------------------------------------- arms
 
 
 class Bench:
-    """Runs the arms of one profile for one seed at a time; every product is cached under `work`."""
+    """Runs the arms of one profile for one seed at a time; every product is cached under `work`.
+
+    `base_arm` is the arm whose model E's round 0 takes over; `extra_arms` are the arms trained on the
+    real data plus the extra images `extras(arm, seed)` returns (subclasses add their own)."""
+
+    base_arm = "B"
+    extra_arms: tuple[str, ...] = ("C", "D")
 
     def __init__(self, profile: dict[str, Any], work: Path, *, protocol: str = "default", progress: bool = False,
                  echo: Callable[[str], None] = print) -> None:
@@ -178,9 +196,8 @@ class Bench:
         info: dict[str, Any] = {}
         if arm in ("A", "B"):
             clf = self.train(arm, seed)
-        elif arm in ("C", "D"):
-            e = self.run_arm("E", seed)
-            extra, info = (self.oversample(e, seed) if arm == "C" else self.untargeted(e, seed))
+        elif arm in self.extra_arms:
+            extra, info = self.extras(arm, seed)
             clf = self.train(arm, seed, extra)
         elif arm in LOOP_ARMS:
             clf, info = self.loop(arm, seed)
@@ -197,6 +214,11 @@ class Bench:
         atomic_write_json(out, record)
         self.echo(f"seed {seed} arm {arm}: done in {record['seconds']:.0f}s")
         return record
+
+    def extras(self, arm: str, seed: int) -> tuple[tuple, dict[str, Any]]:
+        """The extra training images of arm C or D (as many as E added) and their record."""
+        e = self.run_arm("E", seed)
+        return self.oversample(e, seed) if arm == "C" else self.untargeted(e, seed)
 
     # ------------------------------------------------------------------ E and its ablations
     def loop(self, arm: str, seed: int):
@@ -225,14 +247,14 @@ class Bench:
         return clf, info
 
     def seed_run_dir(self, arm: str, seed: int, run_dir: Path) -> None:
-        """Hand the loop work it would otherwise redo: B's model as round 0 (same recipe, seed, data and
-        val, so `train_classifier` recognises it by fingerprint), and for ablations E's unchanged stages."""
+        """Hand the loop work it would otherwise redo: `base_arm`'s model as round 0 (same recipe, seed and
+        data; `train_classifier` reuses it when its fingerprint matches), and for ablations E's unchanged stages."""
         self.share_generator(seed)
         if arm == "E":
-            self.run_arm("B", seed)
+            self.run_arm(self.base_arm, seed)
             dst = run_dir / "round-00" / "train.tmp" / "seed-0"
             if not dst.exists():
-                shutil.copytree(self.arm_dir("B", seed) / "model", dst)
+                shutil.copytree(self.arm_dir(self.base_arm, seed) / "model", dst)
             return
         self.run_arm("E", seed)
         src = self.arm_dir("E", seed) / "run"

@@ -34,6 +34,9 @@ class SplitConfig:
     use_source_split: bool = False  # honour a split the source ships (MedMNIST .npz)
     group_by: str | None = None  # metadata key that groups samples (patient, module); None: source's own
     seed: int | None = None  # seed of the split alone (None: the run's seed), so seeds can vary over one split
+    # a text file of train ids to keep, one per line: the split is made on all the data first, then the train
+    # images not listed are left out of the run (learning curves on a subsample; val and test unchanged)
+    train_ids: str | None = None
 
 
 DICOM_GROUP_PREFIX = "dicom:"  # split.group_by: dicom:PatientID groups by an attribute of each file's DICOM header
@@ -630,6 +633,8 @@ def validate_config(cfg: RunConfig) -> None:
     _check(0 < s.test_fraction < 0.9, "data.split.test_fraction", s.test_fraction, "0 < x < 0.9")
     _check(0 < s.val_fraction < 0.9, "data.split.val_fraction", s.val_fraction, "0 < x < 0.9")
     _check(s.seed is None or s.seed >= 0, "data.split.seed", s.seed, ">= 0 or null")
+    _check(s.train_ids is None or (bool(s.train_ids.strip()) and "\0" not in s.train_ids), "data.split.train_ids",
+           s.train_ids, "a text file of train ids, or null")
     if s.group_by is not None and s.group_by.startswith(DICOM_GROUP_PREFIX):
         _check(re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", s.group_by[len(DICOM_GROUP_PREFIX):]) is not None,
                "data.split.group_by", s.group_by, "dicom: followed by a DICOM keyword, e.g. dicom:PatientID")
