@@ -346,7 +346,6 @@ def test_loop_pretrains_first_and_round_0_starts_from_the_encoder(tmp_path, caps
 
     # the loop keeps the encoder and gives label-free embeddings of the run's images by split
     from vision_si.loop import Loop
-
     from vision_si.pretrain import label_free_embeddings
 
     loop = Loop(cfg, run_dir, progress=False, echo=lambda _m: None)
