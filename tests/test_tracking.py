@@ -93,9 +93,9 @@ def test_resume_continues_the_same_mlflow_run_and_logs_the_rest_once(stopped_run
     decision = GateDecision.load(run / "round-01/gate")
     metric = decision.metric
     m = child.data.metrics
-    assert m[f"val.baseline.{metric}"] == pytest.approx(decision.before["value"])
-    assert m[f"val.candidate.{metric}"] == pytest.approx(decision.after["value"])
-    assert m[f"val.delta.{metric}_ci_low"] == pytest.approx(decision.delta["ci"][0])
+    assert m[f"val.baseline.{metric}"] == pytest.approx(decision.before.value)
+    assert m[f"val.candidate.{metric}"] == pytest.approx(decision.after.value)
+    assert m[f"val.delta.{metric}_ci_low"] == pytest.approx(decision.delta.ci[0])
     if decision.decision in ("accepted", "rejected"):
         assert m["gate.accepted"] == float(decision.accepted)
     assert child.data.tags["gate.decision"] == decision.decision
