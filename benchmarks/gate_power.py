@@ -34,12 +34,12 @@ import argparse
 import dataclasses
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from classifier_recipe import commit  # noqa: E402 - a sibling script: benchmarks/ is on sys.path when run
 
 from vision_si.classifier import load_classifier, predict, train_classifier
 from vision_si.classifier.training import train_steps
@@ -56,12 +56,6 @@ MUST_ACCEPT = {"helpful_real"}
 WEAK = ("possibly_defective", "likely_defective")
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def load_data(cfg: RunConfig) -> dict:
